@@ -1,0 +1,292 @@
+"""Runs a validated search plan: Ray, the Tuner, MLflow runs, and the results at the end."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import warnings
+
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+import ray
+from mlflow.tracking import MlflowClient
+from optuna.distributions import distribution_to_json, json_to_distribution
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+import spaces
+from search import tracking
+from search.progress import Progress
+from search.run import METRIC, STATE_FILE, dataset_tag, default_name
+from trainables import engine, registry
+
+# Per-epoch checkpoints are small; Tune's warning about frequent snapshots is noise here.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+MULTI_OBJECTIVES = ["val_auroc", "val_acc"]
+SUMMARY_KEYS = ["val_score", "val_acc", "val_auroc", "test_acc", "test_acc_head", "test_acc_middle",
+                "test_acc_tail", "test_auroc", "test_fpr95", "test_aupr_in", "test_aupr_out"]
+
+
+def make_trainable(method: str, fixed: dict):
+    """Returns train(config) for Tune: the fixed config plus the sampled parameters."""
+    method_cls = registry.get(method)
+
+    def train(config: dict) -> None:
+        cfg = method_cls.config_cls.from_dict({**fixed, **config})
+        engine.fit(method_cls, cfg, engine.TuneReporter())
+    train.__name__ = f"train_{method}"
+    return train
+
+
+def init_ray(address: str | None) -> None:
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 object_store_memory=256 * 2**20)
+
+
+def resources(args: argparse.Namespace, max_concurrent: int) -> dict[str, float]:
+    """Returns per-trial resources; a GPU request on a GPU-less cluster is an error, not a hang."""
+    gpus_available = ray.cluster_resources().get("GPU", 0)
+    gpus = args.gpus_per_trial
+    if gpus is None:
+        gpus = min(1.0, gpus_available / max_concurrent) if gpus_available else 0.0
+    if gpus > 0 and gpus_available == 0:
+        raise ConnectionError(f"--gpus-per-trial {gpus:g} but the Ray cluster has no GPU")
+    return {"cpu": args.cpus_per_trial, "gpu": gpus}
+
+
+def searcher(space: spaces.Space, sampler: str, seed: int) -> OptunaSearch:
+    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+                "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
+                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+                "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed)}
+    if sampler == "nsga2":
+        return OptunaSearch(space.distributions, metric=MULTI_OBJECTIVES, mode=["max", "max"],
+                            points_to_evaluate=[space.paper_point], sampler=samplers[sampler]())
+    return OptunaSearch(space.distributions, metric=METRIC, mode="max",
+                        points_to_evaluate=[space.paper_point], sampler=samplers[sampler]())
+
+
+def start(plan: dict, prepared: engine.Prepared, args: argparse.Namespace) -> int:
+    """Starts a new search; returns the exit code."""
+    uri = args.tracking_uri or tracking.default_tracking_uri()
+    tracking.check_server(uri)
+    budget, method = plan["budget"], plan["method"]
+    tag = dataset_tag(plan["config"]["dataset"], plan["config"]["imbalance_ratio"])
+    name = args.name or default_name(method, plan["config"]["dataset"], plan["config"]["imbalance_ratio"])
+    path = os.path.join(args.storage, name)
+    if os.path.exists(path):
+        print(f"error: a search named {name!r} exists at {path}; use --resume {name} or another --name")
+        return 2
+    client = MlflowClient(uri)
+    experiment_id = tracking.ensure_experiment(client, f"tailtune/{method}/{tag}", uri)
+    fixed_params = {**engine_defaults(method, plan["config"]), **prepared.record,
+                    "search.sampler": plan["sampler"], "search.seed": plan["seed"],
+                    "search.preset": plan["preset"], "search.asha_grace_period": budget["grace_period"],
+                    "search.asha_reduction_factor": budget["reduction_factor"]}
+    parent = client.create_run(experiment_id, run_name=name, tags={"tailtune.method": method,
+                                                                   "tailtune.search": name})
+    client.log_batch(parent.info.run_id, params=tracking.as_params({
+        **fixed_params, "search.trials": budget["trials"], "search.metric": METRIC,
+        **{f"space.{k}": spaces.describe(v) for k, v in plan["space"].distributions.items()}}))
+    state = {"name": name, "method": method, "budget": budget, "config": plan["config"],
+             "space": {k: distribution_to_json(v) for k, v in plan["space"].distributions.items()},
+             "paper_point": plan["space"].paper_point, "sampler": plan["sampler"], "seed": plan["seed"],
+             "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent.info.run_id,
+             "model_name": f"{method}-{tag}", "fixed_params": {k: str(v) for k, v in fixed_params.items()},
+             "finalized": False}
+    print(f"search {name}: {budget['trials']} trials x {budget['epochs']} epochs, sampler "
+          f"{plan['sampler']}, ASHA grace {budget['grace_period']} rf {budget['reduction_factor']:g}")
+    print(f"tracking: {uri}  experiment tailtune/{method}/{tag}  parent run {parent.info.run_id}")
+    init_ray(args.address)
+    try:
+        per_trial = resources(args, budget["max_concurrent"])
+        space = spaces.Space(plan["space"].distributions, plan["space"].paper_point)
+        tuner = tune.Tuner(
+            tune.with_resources(make_trainable(method, plan["config"]), per_trial),
+            tune_config=tune.TuneConfig(
+                search_alg=searcher(space, plan["sampler"], plan["seed"]),
+                scheduler=ASHAScheduler(metric=METRIC, mode="max", time_attr="training_iteration",
+                                        max_t=budget["epochs"], grace_period=budget["grace_period"],
+                                        reduction_factor=budget["reduction_factor"]),
+                num_samples=budget["trials"], max_concurrent_trials=budget["max_concurrent"]),
+            run_config=tune.RunConfig(
+                name=name, storage_path=args.storage, verbose=0,
+                failure_config=tune.FailureConfig(max_failures=2),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[tracking.TrialRuns(uri, experiment_id, parent.info.run_id,
+                                              state["fixed_params"], budget["epochs"]),
+                           Progress(METRIC, budget["epochs"], budget["trials"])]))
+        os.makedirs(path, exist_ok=True)
+        save_state(path, state)
+        print(f"resources per trial: {per_trial}; resume later with: "
+              f"python search/run.py {method} --resume {name}")
+        results = tuner.fit()
+        return conclude(state, path, results)
+    finally:
+        ray.shutdown()
+
+
+def resume(state: dict, path: str, args: argparse.Namespace) -> int:
+    """Continues an interrupted search: finished trials are kept, unfinished ones resume."""
+    tracking.check_server(state["tracking_uri"])
+    if state["finalized"]:
+        print(f"search {state['name']} already finished; its champion is models:/{state['model_name']}@champion")
+        return 0
+    print(f"resuming search {state['name']} from {path}")
+    init_ray(args.address)
+    try:
+        results = tune.Tuner.restore(path, trainable=tune.with_resources(
+            make_trainable(state["method"], state["config"]), resources(args, state["budget"]["max_concurrent"])),
+            resume_unfinished=True, resume_errored=True).fit()
+        return conclude(state, path, results)
+    finally:
+        ray.shutdown()
+
+
+def engine_defaults(method: str, config: dict) -> dict:
+    """Returns the full config (defaults included) minus the searched keys' paper values."""
+    cfg = registry.get(method).config_cls.from_dict(config)
+    return cfg.to_dict()
+
+
+def save_state(path: str, state: dict) -> None:
+    with open(os.path.join(path, STATE_FILE), "w") as f:
+        json.dump(state, f, indent=1)
+
+
+def trial_rows(results, epochs: int, searched: list[str]) -> pd.DataFrame:
+    """Returns one row per trial: parameters, state, epochs done and its last metrics."""
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        done = int(m.get("training_iteration", 0))
+        state = "failed" if r.error else ("completed" if done >= epochs else "pruned")
+        row = {"trial_id": m.get("trial_id", os.path.basename(r.path)), "state": state, "epochs_done": done}
+        row.update({k: r.config.get(k) for k in searched})
+        row.update({k: m.get(k) for k in SUMMARY_KEYS})
+        rows.append((row, r))
+    return rows
+
+
+def interrupted(results) -> bool:
+    statuses = [t.status for t in results._experiment_analysis.trials]
+    return any(s not in ("TERMINATED", "ERROR") for s in statuses)
+
+
+def conclude(state: dict, path: str, results) -> int:
+    """Logs the search's results to MLflow (trials CSV, plots, champion) and prints the summary."""
+    budget = state["budget"]
+    if len(results) < budget["trials"] or interrupted(results):
+        print(f"search interrupted; its state is saved. Continue with: "
+              f"python search/run.py {state['method']} --resume {state['name']}")
+        return 130
+    mlflow.set_tracking_uri(state["tracking_uri"])
+    client = MlflowClient(state["tracking_uri"])
+    parent_id = state["parent_run_id"]
+    space = {k: json_to_distribution(v) for k, v in state["space"].items()}
+    rows = trial_rows(results, budget["epochs"], list(space))
+    table = pd.DataFrame([row for row, _ in rows])
+    with tempfile.TemporaryDirectory() as d:
+        table.to_csv(os.path.join(d, "trials.csv"), index=False)
+        plots = optuna_plots(rows, space, state["sampler"], d)
+        client.log_artifact(parent_id, os.path.join(d, "trials.csv"))
+        for p in plots:
+            client.log_artifact(parent_id, p, "optuna")
+    completed = [(row, r) for row, r in rows if row["state"] == "completed" and row["val_score"] is not None]
+    if not completed:
+        client.set_terminated(parent_id, "FAILED")
+        print("no trial completed; see the trial errors above", flush=True)
+        return 1
+    best_row, best = max(completed, key=lambda item: item[0]["val_score"])
+    best_run = find_child(client, state, best_row["trial_id"])
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = best.checkpoint.to_directory(os.path.join(d, "ckpt"))
+        sample = np.zeros((2, 32, 32, 3), np.uint8)
+        version = tracking.log_champion(client, best_run, ckpt, state["model_name"], sample)
+    client.log_batch(parent_id, metrics=[mlflow.entities.Metric(f"best_{k}", float(v), 0, 0)
+                                         for k, v in best_row.items()
+                                         if k in SUMMARY_KEYS and v is not None and math.isfinite(v)])
+    client.set_tag(parent_id, "tailtune.best_run_id", best_run)
+    client.set_tag(parent_id, "tailtune.champion", f"models:/{state['model_name']}/{version}")
+    client.set_terminated(parent_id, "FINISHED")
+    state["finalized"] = True
+    save_state(path, state)
+    print_summary(table, best_row, state, version)
+    return 0
+
+
+def find_child(client: MlflowClient, state: dict, trial_id: str) -> str:
+    runs = client.search_runs([state["experiment_id"]],
+                              f"tags.`{tracking.TRIAL_TAG}` = '{trial_id}' and "
+                              f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
+    return runs[0].info.run_id
+
+
+def optuna_plots(rows, space: dict, sampler: str, out_dir: str) -> list[str]:
+    """Returns PNG paths of Optuna's own plots (history, importances, Pareto front if multi-objective)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as ovm
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    multi = sampler == "nsga2"
+    study = optuna.create_study(directions=["maximize"] * (2 if multi else 1))
+    for row, r in rows:
+        if row["val_score"] is None:
+            continue
+        params = {k: row[k] for k in space}
+        if row["state"] == "completed":
+            values = [row["val_auroc"], row["val_acc"]] if multi else [row["val_score"]]
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=space, values=values))
+        elif not multi:
+            history = r.metrics_dataframe
+            steps = ({int(i): float(v) for i, v in zip(history["training_iteration"], history[METRIC])}
+                     if history is not None and METRIC in history else {})
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=space,
+                                                      intermediate_values=steps,
+                                                      state=optuna.trial.TrialState.PRUNED))
+    plots = {"history.png": lambda: ovm.plot_optimization_history(
+        study, target=(lambda t: t.values[0]) if multi else None, target_name=MULTI_OBJECTIVES[0] if multi else METRIC)}
+    plots["importances.png"] = lambda: ovm.plot_param_importances(
+        study, target=(lambda t: t.values[0]) if multi else None)
+    if multi:
+        plots["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=MULTI_OBJECTIVES)
+    written = []
+    for name, make in plots.items():
+        try:
+            ax = make()
+        except (ValueError, RuntimeError) as e:   # e.g. importances need 2+ varied completed trials
+            print(f"notice: optuna plot {name} skipped: {e}")
+            continue
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig.savefig(os.path.join(out_dir, name), dpi=100, bbox_inches="tight")
+        written.append(os.path.join(out_dir, name))
+    if multi:
+        pd.DataFrame([{**t.params, MULTI_OBJECTIVES[0]: t.values[0], MULTI_OBJECTIVES[1]: t.values[1]}
+                      for t in study.best_trials]).to_csv(os.path.join(out_dir, "pareto.csv"), index=False)
+        written.append(os.path.join(out_dir, "pareto.csv"))
+        print("Pareto front (val_auroc, val_acc):")
+        for t in study.best_trials:
+            print(f"  {t.values[0]:.4f} {t.values[1]:.4f}  {t.params}")
+    return written
+
+
+def print_summary(table: pd.DataFrame, best: dict, state: dict, version: int) -> None:
+    counts = table["state"].value_counts().to_dict()
+    print(f"\ntrials: {len(table)} ({', '.join(f'{v} {k}' for k, v in counts.items())})")
+    print(f"best trial {best['trial_id']} (by {METRIC} on validation; test metrics are reported, not searched):")
+    width = max(len(k) for k in best)
+    for k, v in best.items():
+        text = f"{v:.4f}" if isinstance(v, float) else str(v)
+        print(f"  {k:<{width}}  {text}")
+    print(f"registered: models:/{state['model_name']}@champion (version {version})")
+    print(f"pull it:    python search/pull.py {state['model_name']} IMAGES.npy "
+          f"--tracking-uri {state['tracking_uri']}")

@@ -1,0 +1,237 @@
+#!/usr/bin/env python
+"""Search one method's hyperparameters with Ray Tune + Optuna, tracked in MLflow.
+
+    python search/run.py darl                      # smoke budget, local Ray, local MLflow store
+    python search/run.py darl --preset paper --gpus-per-trial 0.25 --tracking-uri http://host:5000
+    python search/run.py darl --resume             # continue the latest interrupted darl search
+    python search/run.py --list                    # methods and their search spaces
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from datetime import datetime
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import spaces  # noqa: E402
+from trainables import data, engine, registry  # noqa: E402
+
+# Each preset is a budget: trials, epochs, ASHA rungs, concurrency, and config overrides.
+PRESETS = {
+    # Every stage on 2 CPU cores in a few minutes: tiny LT subset, short trials, some pruned.
+    "smoke": {"trials": 4, "epochs": 3, "grace_period": 1, "reduction_factor": 2, "max_concurrent": 2,
+              "config": {"n_max": 100, "val_per_class": 10, "test_per_class": 30, "ood_max_images": 100,
+                         "val_ood_size": 100, "batch_size": 32, "warmup_epochs": 1,
+                         "eval_batch_size": 250}},
+    # A first real look on one GPU: full data, a short proxy schedule.
+    "small": {"trials": 8, "epochs": 30, "grace_period": 12, "reduction_factor": 2, "max_concurrent": 4,
+              "config": {"ood_max_images": 2000}},
+    # The spec's search budget (DARL §4.2): 200-epoch proxy, grace 40% of it, full test sets.
+    "paper": {"trials": 32, "epochs": 200, "grace_period": 80, "reduction_factor": 2, "max_concurrent": 4,
+              "config": {}},
+}
+SAMPLERS = ("tpe", "cmaes", "random", "nsga2")
+METRIC = "val_score"
+STATE_FILE = "tailtune.json"
+
+
+class UsageError(ValueError):
+    """Bad input: reported as one line, before anything starts."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="search/run.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("method", nargs="?", help="method to search (see --list)")
+    p.add_argument("--list", action="store_true", help="list methods and their search spaces")
+    p.add_argument("--preset", default="smoke", help=f"budget: {', '.join(PRESETS)} (default smoke)")
+    p.add_argument("--trials", type=int, help="number of trials (preset's by default)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (ASHA's max_t)")
+    p.add_argument("--dataset", default="cifar10", help="cifar10 | cifar100 (long-tailed)")
+    p.add_argument("--imbalance-ratio", type=float, default=100.0, help="IR: 10, 50 or 100")
+    p.add_argument("--data-dir", default=os.environ.get("TAILTUNE_DATA_DIR"),
+                   help="folder with offline archives (cifar10.tar.gz, ...) or torchvision data "
+                        "[env TAILTUNE_DATA_DIR]")
+    p.add_argument("--cache-dir", default=os.environ.get("TAILTUNE_CACHE_DIR"),
+                   help="decoded-image cache and downloads [env TAILTUNE_CACHE_DIR, ~/.cache/tailtune]")
+    p.add_argument("--no-download", action="store_true", help="never download missing data")
+    p.add_argument("--test-ood", help="comma-separated test OOD sets (reported, never searched on)")
+    p.add_argument("--val-ood", help="comma-separated synthetic validation OOD sets")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow server; default: local SQLite store in ./mlruns [env MLFLOW_TRACKING_URI]")
+    p.add_argument("--sampler", default="tpe", help=f"Optuna sampler: {', '.join(SAMPLERS)}")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed and training seed")
+    p.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial can be pruned")
+    p.add_argument("--reduction-factor", type=float, help="ASHA reduction factor (>= 2)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="fractional GPUs per trial (default: 1/max-concurrent if GPUs exist, else 0)")
+    p.add_argument("--max-concurrent", type=int, help="trials running at once")
+    p.add_argument("--address", default=None, help="Ray cluster address (auto or HOST:PORT); default local")
+    p.add_argument("--storage", default=os.path.abspath("ray_results"), help="Ray Tune results folder")
+    p.add_argument("--name", help="search name (default METHOD-DATASET-TIMESTAMP)")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="NAME",
+                   help="continue an interrupted search (the latest of this method if no NAME)")
+    p.add_argument("--space", action="append", default=[], metavar="PARAM=LOW:HIGH|VALUE",
+                   help="narrow or fix a searched parameter within its allowed range")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a non-searched config field, e.g. --set tau_gla=2.5")
+    return p.parse_args(argv)
+
+
+def list_methods() -> None:
+    for name in registry.names():
+        space = spaces.get(name)
+        print(f"{name}:")
+        for param, dist in space.distributions.items():
+            print(f"  {param:<14} {spaces.describe(dist):<28} paper {space.paper_point.get(param)}")
+
+
+def dataset_tag(dataset: str, ir: float) -> str:
+    return f"{dataset}-lt-ir{ir:g}"
+
+
+def build_plan(args: argparse.Namespace) -> dict:
+    """Returns the validated search plan (method, budget, fixed config, space); UsageError on bad input."""
+    if not args.method:
+        raise UsageError(f"no method given; expected one of: {', '.join(registry.names())}")
+    try:
+        method_cls = registry.get(args.method)
+        space = spaces.get(args.method)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.preset not in PRESETS:
+        raise UsageError(f"unknown preset {args.preset!r}; expected one of: {', '.join(PRESETS)}")
+    if args.sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {args.sampler!r}; expected one of: {', '.join(SAMPLERS)}")
+    if args.dataset not in ("cifar10", "cifar100"):
+        raise UsageError(f"unknown dataset {args.dataset!r}; expected cifar10 or cifar100")
+    if args.imbalance_ratio not in (10, 50, 100):
+        raise UsageError(f"--imbalance-ratio {args.imbalance_ratio:g}: expected 10, 50 or 100")
+    preset = PRESETS[args.preset]
+    budget = {k: getattr(args, k) if getattr(args, k) is not None else preset[k]
+              for k in ("trials", "epochs", "grace_period", "reduction_factor", "max_concurrent")}
+    for key in ("trials", "epochs", "grace_period", "max_concurrent"):
+        if budget[key] < 1:
+            raise UsageError(f"--{key.replace('_', '-')} {budget[key]}: expected an integer >= 1")
+    if budget["grace_period"] > budget["epochs"]:
+        raise UsageError(f"--grace-period {budget['grace_period']}: must not exceed --epochs {budget['epochs']}")
+    if budget["reduction_factor"] < 2:
+        raise UsageError(f"--reduction-factor {budget['reduction_factor']:g}: expected >= 2")
+    if args.cpus_per_trial <= 0:
+        raise UsageError(f"--cpus-per-trial {args.cpus_per_trial:g}: expected > 0")
+    if args.gpus_per_trial is not None and not 0 <= args.gpus_per_trial <= 8:
+        raise UsageError(f"--gpus-per-trial {args.gpus_per_trial:g}: expected a number in [0, 8]")
+
+    config = {**preset["config"], "dataset": args.dataset, "imbalance_ratio": args.imbalance_ratio,
+              "data_dir": os.path.abspath(args.data_dir) if args.data_dir else None,
+              "download": not args.no_download, "epochs": budget["epochs"], "seed": args.seed}
+    if args.cache_dir:
+        config["cache_dir"] = os.path.abspath(args.cache_dir)
+    for flag, key in (("test_ood", "test_ood"), ("val_ood", "val_ood")):
+        if getattr(args, flag):
+            config[key] = tuple(n.strip() for n in getattr(args, flag).split(",") if n.strip())
+    try:
+        data.check_ood_names(list(config.get("test_ood", ())) or [], args.dataset)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    bad_val = [n for n in config.get("val_ood", ()) if n not in data.synthetic_names()]
+    if bad_val:
+        raise UsageError(f"--val-ood {','.join(bad_val)}: validation OOD must be synthetic, one of "
+                         f"{', '.join(data.synthetic_names())} (test sets are never searched on)")
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE")
+        if key in space.distributions:
+            raise UsageError(f"--set {key}: {key} is searched; use --space {key}=VALUE to fix it")
+        config[key] = engine.parse_value(text)
+    for item in args.space:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise UsageError(f"--space {item!r}: expected PARAM=LOW:HIGH or PARAM=VALUE")
+        try:
+            space = spaces.override(space, name, text)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    try:
+        method_cls.config_cls.from_dict({**config, **space.paper_point})
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"bad config: {e}") from None
+    return {"method": args.method, "budget": budget, "config": config, "space": space,
+            "sampler": args.sampler, "seed": args.seed, "preset": args.preset}
+
+
+def check_data_and_space(plan: dict) -> engine.Prepared:
+    """Loads the data once (warming the cache for the workers) and checks every K the space allows."""
+    method_cls = registry.get(plan["method"])
+    cfg = method_cls.config_cls.from_dict({**plan["config"], **plan["space"].paper_point})
+    prepared = engine.prepare(cfg)
+    k_dist = plan["space"].distributions.get("num_experts")
+    for k in getattr(k_dist, "choices", ()):
+        try:
+            method_cls(dataclasses.replace(cfg, num_experts=k), prepared.id.counts, "cpu")
+        except ValueError as e:
+            raise UsageError(f"num_experts={k}: {e}") from None
+    return prepared
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        list_methods()
+        return 0
+    try:
+        if args.resume:
+            state, path = load_state(args)
+        else:
+            plan = build_plan(args)
+            prepared = check_data_and_space(plan)
+            state, path = None, None
+    except (UsageError, data.MissingDataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from search import orchestrate  # heavy imports (ray, mlflow) only once the input is valid
+    try:
+        if state is None:
+            return orchestrate.start(plan, prepared, args)
+        return orchestrate.resume(state, path, args)
+    except ConnectionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+
+
+def load_state(args: argparse.Namespace) -> tuple[dict, str]:
+    """Returns (saved search state, experiment path) for --resume; UsageError if there is none."""
+    root = args.storage
+    if args.resume == "latest":
+        if not args.method:
+            raise UsageError("--resume without NAME needs the method, e.g. search/run.py darl --resume")
+        found = sorted((d for d in os.listdir(root) if d.startswith(f"{args.method}-")
+                        and os.path.exists(os.path.join(root, d, STATE_FILE))),
+                       key=lambda d: os.path.getmtime(os.path.join(root, d))) if os.path.isdir(root) else []
+        if not found:
+            raise UsageError(f"--resume: no {args.method} search found in {root}")
+        name = found[-1]
+    else:
+        name = args.resume
+    path = os.path.join(root, name)
+    if not os.path.exists(os.path.join(path, STATE_FILE)):
+        raise UsageError(f"--resume {name}: no search state at {path}")
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return json.load(f), path
+
+
+def default_name(method: str, dataset: str, ir: float) -> str:
+    return f"{method}-{dataset_tag(dataset, ir)}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+if __name__ == "__main__":
+    started = time.time()
+    code = main()
+    sys.exit(code)

@@ -1,0 +1,152 @@
+"""MLflow tracking for a search: parent run, one nested child run per trial, registry.
+
+Child runs are written from the driver by a Ray Tune callback, so workers need no MLflow access
+and a trial stopped by the scheduler still ends with a status. A child run is found again by its
+`tailtune.trial_id` tag, so a resumed search continues its runs instead of duplicating them.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from trainables import engine
+
+# Keys Ray adds to every result; they are bookkeeping, not metrics.
+RAY_KEYS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
+            "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config",
+            "time_since_restore", "iterations_since_restore", "should_checkpoint"}
+TRIAL_TAG = "tailtune.trial_id"
+STATE_TAG = "tailtune.state"
+
+
+def default_tracking_uri() -> str:
+    """Returns the embedded local store: a SQLite file under ./mlruns (artifacts beside it)."""
+    os.makedirs("mlruns", exist_ok=True)
+    return f"sqlite:///{os.path.abspath('mlruns/mlflow.db')}"
+
+
+def check_server(uri: str, timeout_s: float = 10.0) -> None:
+    """Raises ConnectionError (one line, naming the URI) if an HTTP tracking server is unreachable."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).read()
+    except OSError as e:
+        raise ConnectionError(f"MLflow tracking server at {uri} is not reachable ({e}); "
+                              f"start it or pass another --tracking-uri") from None
+
+
+def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """Returns the id of experiment `name`, creating it (with a local artifact root if embedded)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:"):
+        location = "file://" + os.path.abspath(os.path.join("mlruns", "artifacts"))
+    return client.create_experiment(name, artifact_location=location)
+
+
+def as_params(values: dict) -> list[Param]:
+    return [Param(k, str(v)[:6000]) for k, v in sorted(values.items())]
+
+
+class TrialRuns(tune.Callback):
+    """Mirrors every Tune trial into a nested MLflow run under the search's parent run."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str,
+                 fixed_params: dict[str, str], epochs: int):
+        self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
+        self.parent_run_id, self.fixed_params, self.epochs = parent_run_id, fixed_params, epochs
+        self._runs: dict[str, str] = {}
+        self._client: MlflowClient | None = None
+
+    def __getstate__(self):   # Tune pickles callbacks with the experiment state
+        return {**self.__dict__, "_client": None, "_runs": {}}
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def run_id(self, trial) -> str:
+        """Returns the trial's child run id, finding an existing one before creating it."""
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id]
+        existing = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`{TRIAL_TAG}` = '{trial.trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'")
+        if existing:
+            run_id = existing[0].info.run_id
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.trial_id}", tags={
+                "mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: trial.trial_id, STATE_TAG: "running"})
+            run_id = run.info.run_id
+            params = {**self.fixed_params, **{k: v for k, v in trial.config.items()}}
+            self.client.log_batch(run_id, params=as_params(params))
+        self._runs[trial.trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.run_id(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        step = int(result.get("training_iteration", 0))
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in result.items()
+                 if k not in RAY_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and math.isfinite(float(v))]
+        self.client.log_batch(self.run_id(trial), metrics=batch)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        done = (trial.last_result or {}).get("training_iteration", 0)
+        state = "completed" if done >= self.epochs else "pruned"
+        run_id = self.run_id(trial)
+        self.client.log_batch(run_id, tags=[RunTag(STATE_TAG, state), RunTag("epochs_done", str(done))])
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self.run_id(trial)
+        self.client.set_tag(run_id, STATE_TAG, "failed")
+        self.client.set_terminated(run_id, "FAILED")
+
+
+def log_champion(client: MlflowClient, run_id: str, checkpoint_dir: str, model_name: str,
+                 sample_images) -> int:
+    """Logs the best trial's checkpoint and a pyfunc model to its run, registers it as
+    `model_name` with alias `champion`; returns the registered version."""
+    client.log_artifacts(run_id, checkpoint_dir, "checkpoint")
+    import trainables
+    with mlflow.start_run(run_id=run_id, nested=True):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=_champion(),
+            artifacts={"state": os.path.join(checkpoint_dir, engine.STATE_FILE),
+                       "meta": os.path.join(checkpoint_dir, engine.META_FILE)},
+            code_paths=[os.path.dirname(trainables.__file__)],
+            input_example=sample_images,
+            pip_requirements=_requirements(),
+        )
+    version = mlflow.register_model(info.model_uri, model_name)
+    client.set_registered_model_alias(model_name, "champion", version.version)
+    client.set_model_version_tag(model_name, version.version, "source_run", run_id)
+    return int(version.version)
+
+
+def _champion():
+    from trainables.champion import Champion
+    return Champion()
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+    return [f"{name}=={version(name).split('+')[0]}"
+            for name in ("torch", "numpy", "pandas", "scikit-learn", "mlflow")]

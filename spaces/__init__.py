@@ -1,0 +1,75 @@
+"""Search spaces by method: each module holds SPACE (Optuna distributions) and PAPER_POINT."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
+                                  IntDistribution)
+
+
+@dataclass(frozen=True)
+class Space:
+    distributions: dict[str, BaseDistribution]
+    paper_point: dict[str, object]
+
+
+def get(method: str) -> Space:
+    """Returns the method's search space; ValueError if it has none."""
+    try:
+        module = importlib.import_module(f"spaces.{method}")
+    except ModuleNotFoundError:
+        raise ValueError(f"no search space for method {method!r}") from None
+    return Space(dict(module.SPACE), dict(module.PAPER_POINT))
+
+
+def describe(dist: BaseDistribution) -> str:
+    """Returns a short human form of a distribution: 'log-uniform [0.1, 100]', 'one of [3]'."""
+    if isinstance(dist, CategoricalDistribution):
+        return f"one of {list(dist.choices)}"
+    kind = "log-uniform" if dist.log else ("integer" if isinstance(dist, IntDistribution) else "uniform")
+    return f"{kind} [{dist.low:g}, {dist.high:g}]"
+
+
+def _contains(dist: BaseDistribution, value) -> bool:
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices
+    return isinstance(value, (int, float)) and dist.low <= value <= dist.high
+
+
+def override(space: Space, name: str, text: str) -> Space:
+    """Returns `space` with one parameter narrowed: 'LOW:HIGH' (a sub-range), 'A,B' (a subset of
+    choices) or 'VALUE' (fixed). ValueError, one line, if it leaves the paper's range."""
+    if name not in space.distributions:
+        raise ValueError(f"--space {name}: not a searched parameter; expected one of "
+                         f"{', '.join(space.distributions)}")
+    dist = space.distributions[name]
+    if isinstance(dist, CategoricalDistribution):
+        cast = type(dist.choices[0])
+        values = [cast(v) for v in text.split(",")]
+        bad = [v for v in values if not _contains(dist, v)]
+        if bad:
+            raise ValueError(f"--space {name}={text}: {bad} not in the allowed {describe(dist)}")
+        new = CategoricalDistribution(values)
+    else:
+        low_text, sep, high_text = text.partition(":")
+        try:
+            low = float(low_text)
+            high = float(high_text) if sep else low
+        except ValueError:
+            raise ValueError(f"--space {name}={text}: expected LOW:HIGH or a number") from None
+        if isinstance(dist, IntDistribution):
+            low, high = int(low), int(high)
+        if low > high or not (_contains(dist, low) and _contains(dist, high)):
+            raise ValueError(f"--space {name}={text}: out of range; allowed {describe(dist)}")
+        new = (CategoricalDistribution([low]) if low == high else
+               type(dist)(low, high, log=dist.log))
+    distributions = {**space.distributions, name: new}
+    point = dict(space.paper_point)
+    if not _contains(new, point.get(name)):
+        point[name] = new.choices[0] if isinstance(new, CategoricalDistribution) else (
+            (new.low * new.high) ** 0.5 if new.log else (new.low + new.high) / 2)
+    return Space(distributions, point)
+
+
+__all__ = ["Space", "get", "describe", "override", "FloatDistribution"]

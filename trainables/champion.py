@@ -1,0 +1,50 @@
+"""The registered model: a pyfunc that scores uint8 images with the method's own test-time rule.
+
+`mlflow.pyfunc.load_model("models:/darl-cifar10-lt-ir100@champion").predict(images)` with
+images uint8 [N, 32, 32, 3] returns one row per image: `label`, `label_index`, `confidence`
+(softmax probability of the label), `ood_score` (higher = more likely OOD: the negated test-time
+confidence) and `is_ood` (at the threshold that keeps 95% of validation ID images).
+"""
+from __future__ import annotations
+
+import json
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+
+from trainables import augment, engine, registry
+
+
+class Champion(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        with open(context.artifacts["meta"]) as f:
+            meta = json.load(f)
+        method_cls = registry.get(meta["method"])
+        self.cfg = method_cls.config_cls.from_dict(meta["config"])
+        self.cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(self.cfg.device)
+        self.model = method_cls(self.cfg, meta["counts"], self.device).build_model().to(self.device)
+        state = torch.load(context.artifacts["state"], map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.model.eval()
+        self.class_names = meta["class_names"]
+        self.threshold = float(meta["val_confidence_threshold95"])
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        images = np.asarray(model_input)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+            raise ValueError(f"expected uint8 images of shape (N, 32, 32, 3), got {images.dtype} "
+                             f"{images.shape}")
+        x = augment.to_device_images(images, self.device)
+        logits, conf = engine.infer(self.model, x, self.cfg, with_logits=True)
+        probs = torch.from_numpy(logits).softmax(-1).numpy()
+        index = probs.argmax(1)
+        return pd.DataFrame({
+            "label": [self.class_names[i] for i in index],
+            "label_index": index,
+            "confidence": probs.max(1),
+            "ood_score": -conf,
+            "is_ood": conf < self.threshold,
+        })

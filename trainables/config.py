@@ -1,0 +1,77 @@
+"""The settings every method shares: data build, training schedule, evaluation.
+
+A method's config subclasses `TrainConfig` and adds its own fields, with defaults equal to its
+paper's. Configs travel through Ray Tune and MLflow as flat dicts of plain values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "tailtune")
+# Offline test-OOD sets (see trainables.data); online-only ones are tried and skipped if absent.
+DEFAULT_TEST_OOD = ("cifar100", "tin", "textures", "svhn", "mnist", "fashion_mnist")
+# Validation OOD is synthetic only: the search never sees a test OOD set (DARL spec §4.2).
+DEFAULT_VAL_OOD = ("gaussian", "rademacher", "blobs")
+
+
+@dataclass
+class TrainConfig:
+    # Data build (trainables.data.DatasetSpec).
+    dataset: str = "cifar10"
+    imbalance_ratio: float = 100.0
+    val_per_class: int = 50
+    n_max: int | None = None
+    test_per_class: int | None = None
+    split_seed: int = 0
+    data_dir: str | None = None
+    cache_dir: str = DEFAULT_CACHE_DIR
+    download: bool = True
+    val_ood: tuple[str, ...] = DEFAULT_VAL_OOD
+    val_ood_size: int = 1000            # images per synthetic validation set
+    test_ood: tuple[str, ...] = DEFAULT_TEST_OOD
+    ood_max_images: int | None = None   # cap per test OOD set (seeded subset); None = all
+    # Optimisation (LGLA / DARL CIFAR recipe).
+    epochs: int = 400
+    batch_size: int = 128               # per stream
+    lr: float = 0.1                     # η
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 2e-4
+    warmup_epochs: int = 5
+    warmup_method: str = "constant"     # "constant": ×0.1 (paper, literal); "linear": LGLA's ramp
+    lr_milestones: tuple[float, ...] = (0.8, 0.9)   # fractions of `epochs`: 320, 360 of 400
+    seed: int = 123                     # training seed (LGLA)
+    device: str = "auto"
+    # Evaluation.
+    ood_score: str = "odin"
+    odin_temperature: float = 1000.0
+    odin_eps: float = 0.0014
+    eval_batch_size: int = 500
+    checkpoint_every: int = 1
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        """Returns a config from a flat dict; unknown keys raise ValueError naming them."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown} for {cls.__name__}; valid: {sorted(names)}")
+        cast = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**cast)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the config as a flat dict of plain values."""
+        return dataclasses.asdict(self)
+
+    def lr_at(self, epoch: int) -> float:
+        """Returns the learning rate for 0-based `epoch`: warm-up, then ×0.1 at each milestone."""
+        if epoch < self.warmup_epochs:
+            if self.warmup_method == "linear":   # LGLA: factor ramps from 1/3 to 1
+                return self.lr * (1 / 3 + (2 / 3) * epoch / self.warmup_epochs)
+            return self.lr * 0.1
+        steps = sum(epoch >= round(m * self.epochs) for m in self.lr_milestones)
+        return self.lr * 0.1 ** steps
+

@@ -1,0 +1,228 @@
+"""CIFAR backbones behind a tiny registry: `create("lgla_resnet32", num_classes=10)`.
+
+Every model returns the same thing, so methods never branch on the architecture:
+
+    logits, feats = model(x)     # x: [B, 3, H, W]
+    logits: [K, B, C]            # one row of logits per expert (K = model.num_experts)
+    feats:  [K, B, d]            # expert GAP features before the classifier (d = 64 here)
+    ensemble = logits.mean(0)    # [B, C]; a single model has K = 1
+
+Registered:
+- "resnet32": the LDAM-DRW CIFAR ResNet-32 (BasicBlocks [5, 5, 5], widths 16/32/64, option-A
+  zero-pad shortcuts, GAP) with a linear or cosine classifier.
+- "lgla_resnet32": LGLA's K-expert ResNet-32 (DARL spec §3.0): a shared stem + layer1, then
+  layer2/layer3 as grouped convolutions (groups = K) over K tiled copies, one cosine classifier
+  per expert. Parameter count 1,344,784 (C=10, K=3) and 1,362,064 (C=100, K=3), as in LGLA.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EXPERT_SHORTCUTS = ("lgla_concat", "per_expert")
+CLASSIFIERS = ("linear", "cosine")
+
+
+class NormedLinear(nn.Module):
+    """Cosine classifier without bias: returns s * cos(f, w_c), shape [B, out_features].
+
+    The weight is stored as [in_features, out_features] (LGLA/LDAM layout) and initialised
+    uniform(-1, 1) with every column rescaled to unit norm, exactly as LDAM's
+    `uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 30.0):
+        super().__init__()
+        self.scale = scale  # s, the cosine scale (30 in LGLA)
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        with torch.no_grad():
+            self.weight.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cos = F.normalize(x, dim=1) @ F.normalize(self.weight, dim=0)
+        return self.scale * cos
+
+
+def _pad_channels(x: torch.Tensor, out_channels: int) -> torch.Tensor:
+    """Option-A shortcut: returns x subsampled by 2 and zero-padded to `out_channels`.
+
+    Shape [B, c_in, H, W] -> [B, out_channels, ceil(H/2), ceil(W/2)]; the padding is split
+    evenly before and after the channels ((out - in) // 2 each side, which is planes // 4 when
+    the width doubles, as in LDAM/LGLA).
+    """
+    extra = out_channels - x.shape[1]
+    before = extra // 2
+    return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, before, extra - before))
+
+
+class OptionAShortcut(nn.Module):
+    """Parameter-free downsampling shortcut for K experts stacked along channels.
+
+    Returns [B, out_channels, H/2, W/2] from [B, in_channels, H, W].
+    - "lgla_concat" pads the whole concatenated tensor once, like LGLA's LambdaLayer. The zeros
+      then sit only at the two ends, so the middle experts' output channels receive channels of
+      their neighbours (the leak of DARL spec §3.0, kept by default to reproduce LGLA).
+    - "per_expert" pads every expert's slice separately, so expert k only sees its own channels.
+    """
+
+    def __init__(self, out_channels: int, num_experts: int, mode: str):
+        super().__init__()
+        self.out_channels = out_channels
+        self.num_experts = num_experts
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "lgla_concat":
+            return _pad_channels(x, self.out_channels)
+        per_expert = self.out_channels // self.num_experts
+        slices = x.chunk(self.num_experts, dim=1)
+        return torch.cat([_pad_channels(s, per_expert) for s in slices], dim=1)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with BN and an identity / option-A shortcut; returns [B, planes, H', W'].
+
+    `groups` > 1 makes both convs grouped, i.e. K independent experts side by side; BN is
+    per-channel, so it does not mix experts either.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, groups: int = 1,
+                 expert_shortcut: str = "lgla_concat"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False,
+                               groups=groups)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False, groups=groups)
+        self.bn2 = nn.BatchNorm2d(planes)
+        if stride != 1 or in_planes != planes:
+            self.shortcut: nn.Module = OptionAShortcut(planes, groups, expert_shortcut)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        # Out-of-place add: an in-place `+=` would silently keep `out`'s dtype if the two paths
+        # differ in dtype under autocast.
+        return F.relu(out + self.shortcut(x))
+
+
+def _make_stage(in_planes: int, planes: int, num_blocks: int, stride: int, groups: int = 1,
+                expert_shortcut: str = "lgla_concat") -> nn.Sequential:
+    """Returns `num_blocks` BasicBlocks; only the first one changes stride and width."""
+    blocks = [BasicBlock(in_planes, planes, stride, groups, expert_shortcut)]
+    blocks += [BasicBlock(planes, planes, 1, groups, expert_shortcut) for _ in range(num_blocks - 1)]
+    return nn.Sequential(*blocks)
+
+
+def _kaiming_init(module: nn.Module) -> None:
+    """LDAM/LGLA init: Kaiming-normal (fan_in, gain sqrt 2) for conv and nn.Linear weights.
+
+    NormedLinear is not an nn.Linear, so it keeps its unit-column init, as in LGLA.
+    """
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.kaiming_normal_(module.weight)
+
+
+def _gap(x: torch.Tensor) -> torch.Tensor:
+    """Global average pooling: [B, c, H, W] -> [B, c]."""
+    return x.mean(dim=(2, 3))
+
+
+class ResNet32(nn.Module):
+    """LDAM-DRW CIFAR ResNet-32 (0.46M parameters with a 10-way head).
+
+    forward(x [B, 3, H, W]) returns (logits [1, B, C], feats [1, B, 64]); the leading axis of
+    size 1 is the expert axis shared with the multi-expert models.
+    """
+
+    num_experts = 1
+
+    def __init__(self, num_classes: int, classifier: str = "linear", cos_scale: float = 30.0):
+        super().__init__()
+        if classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier={classifier!r} is not one of {list(CLASSIFIERS)}")
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = _make_stage(16, 16, 5, stride=1)
+        self.layer2 = _make_stage(16, 32, 5, stride=2)
+        self.layer3 = _make_stage(32, 64, 5, stride=2)
+        if classifier == "cosine":
+            self.classifier: nn.Module = NormedLinear(64, num_classes, cos_scale)
+        else:
+            self.classifier = nn.Linear(64, num_classes)
+        self.apply(_kaiming_init)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        feats = _gap(out)                                    # [B, 64]
+        logits = self.classifier(feats)                      # [B, C]
+        return logits.unsqueeze(0), feats.unsqueeze(0)
+
+
+class LGLAResNet32(nn.Module):
+    """LGLA's K-expert CIFAR ResNet-32 (DARL spec §3.0).
+
+    Shared conv3x3(3->16)+BN+ReLU and layer1 (16 ch); the layer1 output is tiled K times along
+    channels, then layer2 (32K ch) and layer3 (64K ch) run as grouped convs with groups=K, so
+    expert k owns output-channel block k of every grouped conv. GAP gives [B, 64K], split into
+    K chunks of 64, each scored by its own cosine classifier z_{i,k} = s * cos(f_{i,k}, w_{k,c}).
+
+    forward(x [B, 3, H, W]) returns (logits [K, B, C], feats [K, B, 64]).
+    """
+
+    def __init__(self, num_classes: int, num_experts: int = 3,
+                 expert_shortcut: str = "lgla_concat", cos_scale: float = 30.0):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if expert_shortcut not in EXPERT_SHORTCUTS:
+            raise ValueError(f"expert_shortcut={expert_shortcut!r} is not one of "
+                             f"{list(EXPERT_SHORTCUTS)}")
+        k = num_experts
+        self.num_experts = k
+        self.expert_shortcut = expert_shortcut
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = _make_stage(16, 16, 5, stride=1)
+        self.layer2 = _make_stage(16 * k, 32 * k, 5, stride=2, groups=k,
+                                  expert_shortcut=expert_shortcut)
+        self.layer3 = _make_stage(32 * k, 64 * k, 5, stride=2, groups=k,
+                                  expert_shortcut=expert_shortcut)
+        self.classifiers = nn.ModuleList(NormedLinear(64, num_classes, cos_scale) for _ in range(k))
+        self.apply(_kaiming_init)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer1(out)                                       # [B, 16, H, W]
+        out = torch.cat([out] * self.num_experts, dim=1)             # [B, 16K, H, W]
+        out = self.layer3(self.layer2(out))                          # [B, 64K, H/4, W/4]
+        chunks = _gap(out).chunk(self.num_experts, dim=1)            # K x [B, 64]
+        logits = [head(f) for head, f in zip(self.classifiers, chunks)]
+        return torch.stack(logits), torch.stack(chunks)
+
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "resnet32": ResNet32,
+    "lgla_resnet32": LGLAResNet32,
+}
+
+
+def names() -> list[str]:
+    """Returns the registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def create(name: str, num_classes: int, **kwargs) -> nn.Module:
+    """Returns a freshly initialised model `name` with `num_classes` outputs per expert.
+
+    kwargs go to the model: resnet32 takes classifier="linear"|"cosine", cos_scale;
+    lgla_resnet32 takes num_experts, expert_shortcut="lgla_concat"|"per_expert", cos_scale.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered models: {names()}")
+    return _REGISTRY[name](num_classes, **kwargs)
