@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 import warnings
 
@@ -27,6 +28,7 @@ from trainables import engine, registry
 
 # Per-epoch checkpoints are small; Tune's warning about frequent snapshots is noise here.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 MULTI_OBJECTIVES = ["val_auroc", "val_acc"]
 SUMMARY_KEYS = ["val_score", "val_acc", "val_auroc", "test_acc", "test_acc_head", "test_acc_middle",
                 "test_acc_tail", "test_auroc", "test_fpr95", "test_aupr_in", "test_aupr_out"]
@@ -58,7 +60,7 @@ def resources(args: argparse.Namespace, max_concurrent: int) -> dict[str, float]
     if gpus is None:
         gpus = min(1.0, gpus_available / max_concurrent) if gpus_available else 0.0
     if gpus > 0 and gpus_available == 0:
-        raise ConnectionError(f"--gpus-per-trial {gpus:g} but the Ray cluster has no GPU")
+        raise ValueError(f"--gpus-per-trial {gpus:g} but the Ray cluster has no GPU")
     return {"cpu": args.cpus_per_trial, "gpu": gpus}
 
 
@@ -74,20 +76,22 @@ def searcher(space: spaces.Space, sampler: str, seed: int) -> OptunaSearch:
                         points_to_evaluate=[space.paper_point], sampler=samplers[sampler]())
 
 
-def start(plan: dict, prepared: engine.Prepared, args: argparse.Namespace) -> int:
+def start(plan: dict, record: dict[str, str], args: argparse.Namespace) -> int:
     """Starts a new search; returns the exit code."""
     uri = args.tracking_uri or tracking.default_tracking_uri()
-    tracking.check_server(uri)
     budget, method = plan["budget"], plan["method"]
     tag = dataset_tag(plan["config"]["dataset"], plan["config"]["imbalance_ratio"])
     name = args.name or default_name(method, plan["config"]["dataset"], plan["config"]["imbalance_ratio"])
     path = os.path.join(args.storage, name)
     if os.path.exists(path):
-        print(f"error: a search named {name!r} exists at {path}; use --resume {name} or another --name")
+        print(f"error: a search named {name!r} exists at {path}; use --resume {name} or another --name",
+              file=sys.stderr)
         return 2
     client = MlflowClient(uri)
     experiment_id = tracking.ensure_experiment(client, f"tailtune/{method}/{tag}", uri)
-    fixed_params = {**engine_defaults(method, plan["config"]), **prepared.record,
+    searched = set(plan["space"].distributions)
+    fixed_params = {**{k: v for k, v in engine_defaults(method, plan["config"]).items() if k not in searched},
+                    **record,
                     "search.sampler": plan["sampler"], "search.seed": plan["seed"],
                     "search.preset": plan["preset"], "search.asha_grace_period": budget["grace_period"],
                     "search.asha_reduction_factor": budget["reduction_factor"]}
@@ -107,7 +111,11 @@ def start(plan: dict, prepared: engine.Prepared, args: argparse.Namespace) -> in
     print(f"tracking: {uri}  experiment tailtune/{method}/{tag}  parent run {parent.info.run_id}")
     init_ray(args.address)
     try:
-        per_trial = resources(args, budget["max_concurrent"])
+        try:
+            per_trial = resources(args, budget["max_concurrent"])
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         space = spaces.Space(plan["space"].distributions, plan["space"].paper_point)
         tuner = tune.Tuner(
             tune.with_resources(make_trainable(method, plan["config"]), per_trial),
@@ -136,15 +144,19 @@ def start(plan: dict, prepared: engine.Prepared, args: argparse.Namespace) -> in
 
 def resume(state: dict, path: str, args: argparse.Namespace) -> int:
     """Continues an interrupted search: finished trials are kept, unfinished ones resume."""
-    tracking.check_server(state["tracking_uri"])
     if state["finalized"]:
         print(f"search {state['name']} already finished; its champion is models:/{state['model_name']}@champion")
         return 0
     print(f"resuming search {state['name']} from {path}")
     init_ray(args.address)
     try:
+        try:
+            per_trial = resources(args, state["budget"]["max_concurrent"])
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         results = tune.Tuner.restore(path, trainable=tune.with_resources(
-            make_trainable(state["method"], state["config"]), resources(args, state["budget"]["max_concurrent"])),
+            make_trainable(state["method"], state["config"]), per_trial),
             resume_unfinished=True, resume_errored=True).fit()
         return conclude(state, path, results)
     finally:
@@ -152,7 +164,7 @@ def resume(state: dict, path: str, args: argparse.Namespace) -> int:
 
 
 def engine_defaults(method: str, config: dict) -> dict:
-    """Returns the full config (defaults included) minus the searched keys' paper values."""
+    """Returns the full config, defaults included."""
     cfg = registry.get(method).config_cls.from_dict(config)
     return cfg.to_dict()
 

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
     import pandas as pd
     uri = args.tracking_uri or f"sqlite:///{os.path.abspath('mlruns/mlflow.db')}"

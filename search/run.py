@@ -26,8 +26,8 @@ PRESETS = {
     # Every stage on 2 CPU cores in a few minutes: tiny LT subset, short trials, some pruned.
     "smoke": {"trials": 4, "epochs": 3, "grace_period": 1, "reduction_factor": 2, "max_concurrent": 2,
               "config": {"n_max": 100, "val_per_class": 10, "test_per_class": 30, "ood_max_images": 100,
-                         "val_ood_size": 100, "batch_size": 32, "warmup_epochs": 1,
-                         "eval_batch_size": 250}},
+                         "val_ood_size": 100, "batch_size": 16, "warmup_epochs": 1,
+                         "eval_batch_size": 100}},
     # A first real look on one GPU: full data, a short proxy schedule.
     "small": {"trials": 8, "epochs": 30, "grace_period": 12, "reduction_factor": 2, "max_concurrent": 4,
               "config": {"ood_max_images": 2000}},
@@ -82,6 +82,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="set a non-searched config field, e.g. --set tau_gla=2.5")
     return p.parse_args(argv)
+
+
+def check_server(uri: str, timeout_s: float = 10.0) -> None:
+    """Raises ConnectionError (one line, naming the URI) if an HTTP tracking server is unreachable."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).read()
+    except OSError as e:
+        raise ConnectionError(f"MLflow tracking server at {uri} is not reachable ({e}); "
+                              f"start it or pass another --tracking-uri") from None
+
 
 
 def list_methods() -> None:
@@ -167,8 +180,9 @@ def build_plan(args: argparse.Namespace) -> dict:
             "sampler": args.sampler, "seed": args.seed, "preset": args.preset}
 
 
-def check_data_and_space(plan: dict) -> engine.Prepared:
-    """Loads the data once (warming the cache for the workers) and checks every K the space allows."""
+def check_data_and_space(plan: dict) -> dict[str, str]:
+    """Loads the data once (warming the cache for the workers), checks every K the space allows;
+    returns the data record (the arrays are dropped: the workers load their own)."""
     method_cls = registry.get(plan["method"])
     cfg = method_cls.config_cls.from_dict({**plan["config"], **plan["space"].paper_point})
     prepared = engine.prepare(cfg)
@@ -178,7 +192,7 @@ def check_data_and_space(plan: dict) -> engine.Prepared:
             method_cls(dataclasses.replace(cfg, num_experts=k), prepared.id.counts, "cpu")
         except ValueError as e:
             raise UsageError(f"num_experts={k}: {e}") from None
-    return prepared
+    return prepared.record
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,21 +203,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.resume:
             state, path = load_state(args)
+            check_server(state["tracking_uri"])
         else:
             plan = build_plan(args)
-            prepared = check_data_and_space(plan)
+            if args.tracking_uri:
+                check_server(args.tracking_uri)
+            record = check_data_and_space(plan)
             state, path = None, None
-    except (UsageError, data.MissingDataError) as e:
+    except (UsageError, data.MissingDataError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from search import orchestrate  # heavy imports (ray, mlflow) only once the input is valid
-    try:
-        if state is None:
-            return orchestrate.start(plan, prepared, args)
-        return orchestrate.resume(state, path, args)
-    except ConnectionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    if state is None:
+        return orchestrate.start(plan, record, args)
+    return orchestrate.resume(state, path, args)
 
 
 def load_state(args: argparse.Namespace) -> tuple[dict, str]:

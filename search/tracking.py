@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
@@ -29,18 +30,6 @@ def default_tracking_uri() -> str:
     """Returns the embedded local store: a SQLite file under ./mlruns (artifacts beside it)."""
     os.makedirs("mlruns", exist_ok=True)
     return f"sqlite:///{os.path.abspath('mlruns/mlflow.db')}"
-
-
-def check_server(uri: str, timeout_s: float = 10.0) -> None:
-    """Raises ConnectionError (one line, naming the URI) if an HTTP tracking server is unreachable."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import urllib.request
-    try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).read()
-    except OSError as e:
-        raise ConnectionError(f"MLflow tracking server at {uri} is not reachable ({e}); "
-                              f"start it or pass another --tracking-uri") from None
 
 
 def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
@@ -125,7 +114,8 @@ def log_champion(client: MlflowClient, run_id: str, checkpoint_dir: str, model_n
     `model_name` with alias `champion`; returns the registered version."""
     client.log_artifacts(run_id, checkpoint_dir, "checkpoint")
     import trainables
-    with mlflow.start_run(run_id=run_id, nested=True):
+    with mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # type-hint and integer-schema hints
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=_champion(),

@@ -25,15 +25,7 @@ from trainables.data import (
 )
 
 
-def _find_data_dir() -> str | None:
-    configured = os.environ.get("TAILTUNE_DATA_DIR")
-    if configured:
-        return configured if os.path.isdir(configured) else None
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return str(default) if default.is_dir() else None
-
-
-DATA_DIR = _find_data_dir()
+DATA_DIR = os.environ.get("TAILTUNE_DATA_DIR")
 needs_data = pytest.mark.skipif(
     DATA_DIR is None or not os.path.isfile(os.path.join(DATA_DIR, "cifar10.tar.gz")),
     reason="real data not found: set TAILTUNE_DATA_DIR to a folder with cifar10.tar.gz",

@@ -466,7 +466,10 @@ def _holdout_and_subsample(
     rng = np.random.RandomState(seed)
     remaining, val = [], []
     for c in range(len(counts)):
-        order = rng.permutation(np.flatnonzero(y_train == c))
+        members = np.flatnonzero(y_train == c)
+        # With no hold-out, draw nothing here: the selection is then exactly LDAM-DRW's
+        # (np.random.seed(seed), then per class shuffle and keep the first n_c).
+        order = rng.permutation(members) if val_per_class else members
         val.append(np.sort(order[:val_per_class]))
         remaining.append(np.sort(order[val_per_class:]))
     train = [np.sort(rng.permutation(rest)[:n]) for rest, n in zip(remaining, counts)]

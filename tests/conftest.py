@@ -1,0 +1,71 @@
+"""Shared fixtures: the real offline data, a real MLflow server over HTTP, a clean cache."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> str:
+    path = os.environ.get("TAILTUNE_DATA_DIR")
+    if not path or not os.path.exists(os.path.join(path, "cifar10.tar.gz")):
+        pytest.skip("set TAILTUNE_DATA_DIR to a folder with the offline archives (cifar10.tar.gz, ...)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    return os.environ.get("TAILTUNE_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(uri: str, proc: subprocess.Popen | None, timeout_s: float = 90) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
+            return
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {proc.returncode}")
+            time.sleep(1)
+    raise RuntimeError(f"mlflow server at {uri} not healthy after {timeout_s}s")
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory) -> str:
+    """A real MLflow tracking server over HTTP: CI's (PostgreSQL-backed) or one started here."""
+    uri = os.environ.get("TAILTUNE_TEST_TRACKING_URI")
+    if uri:
+        _wait_healthy(uri, None, 30)
+        yield uri
+        return
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", f"{root}/artifacts",
+         "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, env=env)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(uri, proc)
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -1,0 +1,195 @@
+"""The main path end to end: a real smoke search under Ray on real CIFAR-10 images, tracked by a
+real MLflow server over HTTP, then read back: runs, metrics, pruning, artifacts, the champion."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import mlflow
+import numpy as np
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO
+from trainables import data
+
+RUN = os.path.join(REPO, "search", "run.py")
+EXPERIMENT = "tailtune/darl/cifar10-lt-ir100"
+MODEL = "darl-cifar10-lt-ir100"
+
+
+class PeakMemory(threading.Thread):
+    """Samples the summed PSS (shared pages split between their users, so shared libraries count
+    once) of a process tree plus every Ray process on the machine."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.running = pid, 0, True
+
+    def run(self):
+        while self.running:
+            try:
+                root = psutil.Process(self.pid)
+                procs = {p.pid: p for p in [root, *root.children(recursive=True)]}
+                for p in psutil.process_iter(["name", "cmdline"]):
+                    if "ray" in " ".join(p.info["cmdline"] or []) or "raylet" in (p.info["name"] or ""):
+                        procs.setdefault(p.pid, p)
+                total = 0
+                for p in procs.values():
+                    try:
+                        total += p.memory_full_info().pss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                pass
+            time.sleep(2)
+
+
+def search(args: list[str], cwd, env_extra=None, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, RUN, "darl", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, data_dir, cache_dir, tracking_uri):
+    """Runs `search/run.py darl` on the smoke preset once; returns (output, seconds, peak bytes, name)."""
+    cwd = tmp_path_factory.mktemp("smoke")
+    name = "smoke-it"
+    started = time.time()
+    proc = search(["--tracking-uri", tracking_uri, "--data-dir", data_dir, "--cache-dir", cache_dir,
+                   "--no-download", "--name", name, "--storage", str(cwd / "ray_results")], cwd)
+    watch = PeakMemory(proc.pid)
+    watch.start()
+    out, _ = proc.communicate(timeout=900)
+    watch.running = False
+    seconds = time.time() - started
+    print(out[-3000:])
+    print(f"smoke search: {seconds:.0f} s, peak memory {watch.peak / 2**30:.2f} GiB")
+    assert proc.returncode == 0, out[-5000:]
+    return out, seconds, watch.peak, name
+
+
+def children(client: MlflowClient, parent_id: str, experiment_id: str):
+    return client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def parent_run(client: MlflowClient, name: str):
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id], f"tags.`tailtune.search` = '{name}'")
+    assert len(runs) == 1
+    return exp, runs[0]
+
+
+@pytest.mark.integration
+def test_smoke_search_budget(smoke):
+    out, seconds, peak, _ = smoke
+    assert seconds < 300 + 60, f"smoke preset took {seconds:.0f} s"   # 5 min budget, CI slack
+    assert peak < 6 * 2**30, f"peak memory {peak / 2**30:.2f} GiB"
+    assert "best trial" in out and "registered: models:/darl-cifar10-lt-ir100@champion" in out
+
+
+@pytest.mark.integration
+def test_mlflow_runs_params_metrics(smoke, tracking_uri):
+    client = MlflowClient(tracking_uri)
+    exp, parent = parent_run(client, smoke[3])
+    assert parent.info.status == "FINISHED"
+    kids = children(client, parent.info.run_id, exp.experiment_id)
+    assert len(kids) == 4
+    states = [k.data.tags.get("tailtune.state") for k in kids]
+    assert "pruned" in states and "completed" in states, states
+    for kid in kids:
+        params = kid.data.params
+        for key in ("tau_energy", "mixup_alpha", "lambda_mix", "lr", "num_experts", "lt_rule", "split_seed",
+                    "counts", "fpr_conventions", "group_rule", "val_ood_sets", "test_ood_sets", "seed"):
+            assert key in params, key
+        assert params["val_ood_sets"] == "gaussian,rademacher,blobs"
+        assert "svhn" not in params["test_ood_sets"]      # not offline: skipped and not claimed
+        history = client.get_metric_history(kid.info.run_id, "val_score")
+        epochs = int(kid.data.tags["epochs_done"])
+        assert [m.step for m in history] == list(range(1, epochs + 1))
+        for m in history:
+            assert 0 <= m.value <= 1
+    for kid in (k for k in kids if k.data.tags["tailtune.state"] == "completed"):
+        metrics = kid.data.metrics
+        for key in ("test_acc", "test_acc_head", "test_acc_middle", "test_acc_tail", "test_auroc",
+                    "test_fpr95", "test_aupr_in", "test_aupr_out", "test_cifar100_auroc", "test_mnist_auroc"):
+            assert 0 <= metrics[key] <= 1, key
+        assert metrics["test_auroc"] == pytest.approx(np.mean(
+            [metrics[f"test_{s}_auroc"] for s in ("cifar100", "tin", "textures", "mnist", "fashion_mnist")]))
+
+
+@pytest.mark.integration
+def test_parent_artifacts_and_champion(smoke, tracking_uri, data_dir, cache_dir, tmp_path):
+    client = MlflowClient(tracking_uri)
+    exp, parent = parent_run(client, smoke[3])
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "trials.csv" in names
+    assert {"optuna/history.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
+    best_run = parent.data.tags["tailtune.best_run_id"]
+    ckpt = {a.path for a in client.list_artifacts(best_run, "checkpoint")}
+    assert {"checkpoint/state.pt", "checkpoint/meta.json", "checkpoint/scores.npz"} <= ckpt
+
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    cifar = data.load_id_data(data.DatasetSpec(val_per_class=10, test_per_class=2), data_dir, cache_dir, False)
+    mnist = data.load_ood("mnist", data_dir, cache_dir, False, max_images=4)
+    images = np.concatenate([cifar.test.x, mnist.x])
+    table = model.predict(images)
+    assert list(table.columns) == ["label", "label_index", "confidence", "ood_score", "is_ood"]
+    assert len(table) == len(images)
+    assert set(table["label"]) <= set(cifar.class_names)
+    assert ((table["confidence"] > 0) & (table["confidence"] <= 1)).all()
+    assert np.isfinite(table["ood_score"]).all()
+    assert table["is_ood"].dtype == bool
+
+    np.save(tmp_path / "images.npy", images[:3])
+    pulled = subprocess.run([sys.executable, os.path.join(REPO, "search", "pull.py"), MODEL,
+                             str(tmp_path / "images.npy"), "--tracking-uri", tracking_uri],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert pulled.returncode == 0, pulled.stderr
+    assert "ood_score" in pulled.stdout and len(pulled.stdout.strip().splitlines()) == 4
+
+
+@pytest.mark.integration
+def test_interrupted_search_resumes_without_duplicates(tmp_path, data_dir, cache_dir, tracking_uri):
+    name = "resume-it"
+    common = ["--trials", "3", "--epochs", "2", "--grace-period", "2", "--max-concurrent", "1",
+              "--data-dir", data_dir, "--cache-dir", cache_dir, "--no-download",
+              "--tracking-uri", tracking_uri, "--storage", str(tmp_path / "ray_results")]
+    proc = search([*common, "--name", name], tmp_path)
+    lines = []
+    for line in proc.stdout:                  # interrupt once the first trial has finished
+        lines.append(line)
+        if " complete" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert f"--resume {name}" in rest
+
+    client = MlflowClient(tracking_uri)
+    exp, parent = parent_run(client, name)
+    before = {k.data.tags["tailtune.trial_id"]: k for k in children(client, parent.info.run_id, exp.experiment_id)}
+    finished = {t: k for t, k in before.items() if k.data.tags.get("tailtune.state") == "completed"}
+    assert finished
+
+    resumed = search([*common, "--resume", name], tmp_path)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-4000:]
+    after = children(client, parent.info.run_id, exp.experiment_id)
+    ids = [k.data.tags["tailtune.trial_id"] for k in after]
+    assert len(ids) == len(set(ids)) == 3
+    for trial_id, run in finished.items():    # kept, not rerun: same run, same two epochs
+        again = next(k for k in after if k.data.tags["tailtune.trial_id"] == trial_id)
+        assert again.info.run_id == run.info.run_id
+        history = client.get_metric_history(run.info.run_id, "val_score")
+        assert [m.step for m in history] == [1, 2]
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
