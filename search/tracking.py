@@ -115,10 +115,10 @@ def log_champion(client: MlflowClient, run_id: str, checkpoint_dir: str, model_n
     client.log_artifacts(run_id, checkpoint_dir, "checkpoint")
     import trainables
     with mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)   # type-hint and integer-schema hints
+        warnings.simplefilter("ignore", UserWarning)   # MLflow's integer-schema hint for uint8 input
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=_champion(),
+            python_model=os.path.join(os.path.dirname(trainables.__file__), "champion.py"),
             artifacts={"state": os.path.join(checkpoint_dir, engine.STATE_FILE),
                        "meta": os.path.join(checkpoint_dir, engine.META_FILE)},
             code_paths=[os.path.dirname(trainables.__file__)],
@@ -129,11 +129,6 @@ def log_champion(client: MlflowClient, run_id: str, checkpoint_dir: str, model_n
     client.set_registered_model_alias(model_name, "champion", version.version)
     client.set_model_version_tag(model_name, version.version, "source_run", run_id)
     return int(version.version)
-
-
-def _champion():
-    from trainables.champion import Champion
-    return Champion()
 
 
 def _requirements() -> list[str]:

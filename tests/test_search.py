@@ -193,3 +193,21 @@ def test_interrupted_search_resumes_without_duplicates(tmp_path, data_dir, cache
         history = client.get_metric_history(run.info.run_id, "val_score")
         assert [m.step for m in history] == [1, 2]
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.integration
+def test_nsga2_reports_pareto_front(tmp_path, data_dir, cache_dir, tracking_uri):
+    name = "nsga2-it"
+    proc = search(["--sampler", "nsga2", "--trials", "2", "--epochs", "1", "--grace-period", "1",
+                   "--data-dir", data_dir, "--cache-dir", cache_dir, "--no-download", "--name", name,
+                   "--tracking-uri", tracking_uri, "--storage", str(tmp_path / "ray_results")], tmp_path)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    assert "Pareto front (val_auroc, val_acc):" in out
+    client = MlflowClient(tracking_uri)
+    _, parent = parent_run(client, name)
+    optuna_files = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
+    assert {"optuna/pareto_front.png", "optuna/pareto.csv"} <= optuna_files
+    pareto = client.download_artifacts(parent.info.run_id, "optuna/pareto.csv", str(tmp_path))
+    front = open(pareto).read().splitlines()
+    assert front[0].endswith("val_auroc,val_acc") and len(front) >= 2
