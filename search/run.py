@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import spaces  # noqa: E402
 from trainables import data, engine, registry  # noqa: E402
+from trainables.config import default_test_ood  # noqa: E402
 
 # Each preset is a budget: trials, epochs, ASHA rungs, concurrency, and config overrides.
 PRESETS = {
@@ -149,8 +150,9 @@ def build_plan(args: argparse.Namespace) -> dict:
     for flag, key in (("test_ood", "test_ood"), ("val_ood", "val_ood")):
         if getattr(args, flag):
             config[key] = tuple(n.strip() for n in getattr(args, flag).split(",") if n.strip())
+    config.setdefault("test_ood", default_test_ood(args.dataset))
     try:
-        data.check_ood_names(list(config.get("test_ood", ())) or [], args.dataset)
+        data.check_ood_names(list(config["test_ood"]), args.dataset)
     except ValueError as e:
         raise UsageError(str(e)) from None
     bad_val = [n for n in config.get("val_ood", ()) if n not in data.synthetic_names()]

@@ -47,6 +47,17 @@ def test_missing_data_names_where_it_looked(capsys, tmp_path):
     assert "cifar10" in err and str(tmp_path) in err
 
 
+def test_cifar100_as_its_own_ood_set_is_refused(capsys):
+    err = fails(capsys, ["darl", "--dataset", "cifar100", "--test-ood", "cifar100,mnist"])
+    assert "OOD set 'cifar100' is the in-distribution set" in err
+
+
+def test_cifar100_lt_missing_offline_says_how_to_provide_it(capsys, data_dir, cache_dir):
+    err = fails(capsys, ["darl", "--dataset", "cifar100", "--data-dir", data_dir, "--cache-dir", cache_dir,
+                         "--no-download"])
+    assert "'cifar100' not found" in err and data_dir in err and "--data-dir" in err
+
+
 def test_tracking_server_down_is_reported_quickly(capsys, data_dir, cache_dir):
     started = time.time()
     err = fails(capsys, ["darl", "--data-dir", data_dir, "--cache-dir", cache_dir, "--no-download",

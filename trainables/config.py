@@ -17,6 +17,13 @@ DEFAULT_TEST_OOD = ("cifar100", "tin", "textures", "svhn", "mnist", "fashion_mni
 DEFAULT_VAL_OOD = ("gaussian", "rademacher", "blobs")
 
 
+def default_test_ood(dataset: str) -> tuple[str, ...]:
+    """Returns the default test OOD sets for an ID set: the other CIFAR stands in for near-OOD."""
+    if dataset == "cifar100":
+        return tuple("cifar10" if name == "cifar100" else name for name in DEFAULT_TEST_OOD)
+    return DEFAULT_TEST_OOD
+
+
 @dataclass
 class TrainConfig:
     # Data build (trainables.data.DatasetSpec).

@@ -65,6 +65,7 @@ def dataset_spec(cfg: TrainConfig) -> data.DatasetSpec:
 
 def prepare(cfg: TrainConfig) -> Prepared:
     """Returns the ID split, validation OOD (synthetic) and the test OOD sets that exist."""
+    data.check_ood_names(list(cfg.test_ood), cfg.dataset)
     if cfg.val_per_class < 1:
         raise ValueError(f"val_per_class={cfg.val_per_class}: a search needs a validation split (>= 1)")
     ident = data.load_id_data(dataset_spec(cfg), cfg.data_dir, cfg.cache_dir, cfg.download)
