@@ -161,3 +161,24 @@ def test_crop_flip_keeps_pixels_and_shapes():
     # With zero padding, every output pixel is either padding (0) or one of the input pixels.
     for i in range(16):
         assert set(out[i].unique().tolist()) <= set(x[i].unique().tolist()) | {0}
+
+
+def test_ambiguity_stats_hand_values():
+    from trainables.darl import ambiguity_stats
+    ehat = torch.tensor([1.5, 1.1, 1.2, 1.2])             # M = 4: shares 2.0, 0.4, 0.8, 0.8
+    group = torch.tensor([0, 0, 2, 1])
+    clean = torch.tensor([True, True, False, False])
+    stats = ambiguity_stats(ehat, group, clean)
+    assert float(stats["ehat_max"]) == pytest.approx(1.5)
+    assert float(stats["ehat_share_clean_head"]) == pytest.approx((2.0 + 0.4) / 2)
+    assert float(stats["ehat_share_mixed_tail"]) == pytest.approx(0.8)
+    assert float(stats["ehat_share_clean_tail"]) == 0.0     # no such rows
+
+
+def test_method_loss_reports_group_diagnostics():
+    method = Method(DarlConfig(), CIFAR10_IR100, torch.device("cpu"))
+    batch = Batch(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)),
+                  torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    loss, stats = method.loss(method.build_model(), batch, np.random.RandomState(0))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert {"ehat_max", "ehat_share_clean_head", "ehat_share_mixed_tail"} <= set(stats)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainables import augment, lgla, models
+from trainables import augment, lgla, metrics, models
 from trainables.config import TrainConfig
 from trainables.engine import Batch
 
@@ -68,7 +68,7 @@ def darl_loss(logits: torch.Tensor, q: torch.Tensor, margins: torch.Tensor, band
     num_experts = logits.shape[0]
     ensemble = logits.mean(0)
     loss = logits.new_zeros(())
-    ehat_max = logits.new_zeros(())
+    ehat_sum = logits.new_zeros(logits.shape[1])
     for k in range(num_experts):
         z = logits[k]
         if cfg.use_ala:
@@ -81,8 +81,25 @@ def darl_loss(logits: torch.Tensor, q: torch.Tensor, margins: torch.Tensor, band
         if cfg.use_aaw:
             target = q * lgla.aaw_weights(z.detach(), q, bands, cfg.cos_scale, clean)
         loss = loss + (soft_cross_entropy(adjusted, target) * row_weight).mean()
-        ehat_max = torch.maximum(ehat_max, ehat.detach().max())
-    return loss, {"ehat_max": ehat_max}   # a tensor: no device sync per step
+        ehat_sum = ehat_sum + ehat.detach()
+    return loss, {"ehat": ehat_sum / num_experts}
+
+
+def ambiguity_stats(ehat: torch.Tensor, labels_group: torch.Tensor, clean: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Returns the per-epoch diagnostics of spec §3.3 (Figs. 3 and 5), as device tensors.
+
+    ehat [M] (mean over experts); labels_group [M] group index (0 head, 1 middle, 2 tail) of each
+    row's (argmax) label; clean [M]. `ehat_share_<rows>_<group>` is the mean of M·(Ê − 1), the
+    row's share of ALA's extra margin relative to an even split (1 = average).
+    """
+    share = (ehat - 1) * ehat.shape[0]
+    stats = {"ehat_max": ehat.max()}
+    for rows, mask in (("clean", clean), ("mixed", ~clean)):
+        for index, group in enumerate(("head", "middle", "tail")):
+            chosen = (mask & (labels_group == index)).float()
+            # masked mean without a host sync; an empty group reports 0
+            stats[f"ehat_share_{rows}_{group}"] = (share * chosen).sum() / chosen.sum().clamp(min=1)
+    return stats
 
 
 class Method:
@@ -98,6 +115,10 @@ class Method:
         self.bands = [b.to(device) for b in lgla.class_bands(counts, cfg.num_experts)]
         self.margins = lgla.static_margins(counts, cfg.num_experts, tau_gla).to(device)
         self.uses_balanced_stream = cfg.use_mixup or cfg.use_cutmix  # spec §8.10: row 1 = LGLA
+        self.class_group = torch.zeros(self.num_classes, dtype=torch.long)
+        for index, classes in enumerate(metrics.class_groups(counts).values()):
+            self.class_group[torch.as_tensor(classes, dtype=torch.long)] = index
+        self.class_group = self.class_group.to(device)
 
     def build_model(self) -> torch.nn.Module:
         return models.create("lgla_resnet32", self.num_classes, num_experts=self.cfg.num_experts,
@@ -129,7 +150,8 @@ class Method:
              rng: np.random.RandomState) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, q, weight, clean = self.compose(batch, rng)
         logits, _ = model(x)
-        return darl_loss(logits, q, self.margins, self.bands, self.cfg, weight, clean)
+        loss, rows = darl_loss(logits, q, self.margins, self.bands, self.cfg, weight, clean)
+        return loss, ambiguity_stats(rows["ehat"], self.class_group[q.argmax(1)], clean)
 
 
 if __name__ == "__main__":
