@@ -87,10 +87,18 @@ def start(plan: dict, record: dict[str, str], args: argparse.Namespace) -> int:
         print(f"error: a search named {name!r} exists at {path}; use --resume {name} or another --name",
               file=sys.stderr)
         return 2
+    init_ray(args.address)
+    try:
+        per_trial = resources(args, budget["max_concurrent"])
+    except ValueError as e:
+        ray.shutdown()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     client = MlflowClient(uri)
     experiment_id = tracking.ensure_experiment(client, f"tailtune/{method}/{tag}", uri)
     searched = set(plan["space"].distributions)
-    fixed_params = {**{k: v for k, v in engine_defaults(method, plan["config"]).items() if k not in searched},
+    full_config = registry.get(method).config_cls.from_dict(plan["config"]).to_dict()
+    fixed_params = {**{k: v for k, v in full_config.items() if k not in searched},
                     **record,
                     "search.sampler": plan["sampler"], "search.seed": plan["seed"],
                     "search.preset": plan["preset"], "search.asha_grace_period": budget["grace_period"],
@@ -109,18 +117,11 @@ def start(plan: dict, record: dict[str, str], args: argparse.Namespace) -> int:
     print(f"search {name}: {budget['trials']} trials x {budget['epochs']} epochs, sampler "
           f"{plan['sampler']}, ASHA grace {budget['grace_period']} rf {budget['reduction_factor']:g}")
     print(f"tracking: {uri}  experiment tailtune/{method}/{tag}  parent run {parent.info.run_id}")
-    init_ray(args.address)
     try:
-        try:
-            per_trial = resources(args, budget["max_concurrent"])
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        space = spaces.Space(plan["space"].distributions, plan["space"].paper_point)
         tuner = tune.Tuner(
             tune.with_resources(make_trainable(method, plan["config"]), per_trial),
             tune_config=tune.TuneConfig(
-                search_alg=searcher(space, plan["sampler"], plan["seed"]),
+                search_alg=searcher(plan["space"], plan["sampler"], plan["seed"]),
                 scheduler=ASHAScheduler(metric=METRIC, mode="max", time_attr="training_iteration",
                                         max_t=budget["epochs"], grace_period=budget["grace_period"],
                                         reduction_factor=budget["reduction_factor"]),
@@ -163,18 +164,12 @@ def resume(state: dict, path: str, args: argparse.Namespace) -> int:
         ray.shutdown()
 
 
-def engine_defaults(method: str, config: dict) -> dict:
-    """Returns the full config, defaults included."""
-    cfg = registry.get(method).config_cls.from_dict(config)
-    return cfg.to_dict()
-
-
 def save_state(path: str, state: dict) -> None:
     with open(os.path.join(path, STATE_FILE), "w") as f:
         json.dump(state, f, indent=1)
 
 
-def trial_rows(results, epochs: int, searched: list[str]) -> pd.DataFrame:
+def trial_rows(results, epochs: int, searched: list[str]) -> list[tuple[dict, object]]:
     """Returns one row per trial: parameters, state, epochs done and its last metrics."""
     rows = []
     for r in results:
@@ -188,15 +183,15 @@ def trial_rows(results, epochs: int, searched: list[str]) -> pd.DataFrame:
     return rows
 
 
-def interrupted(results) -> bool:
-    statuses = [t.status for t in results._experiment_analysis.trials]
-    return any(s not in ("TERMINATED", "ERROR") for s in statuses)
+def interrupted(results, trials: int) -> bool:
+    """Returns True if some trial neither finished nor failed (Ctrl-C, or a lost driver)."""
+    return results.num_terminated + results.num_errors < trials
 
 
 def conclude(state: dict, path: str, results) -> int:
     """Logs the search's results to MLflow (trials CSV, plots, champion) and prints the summary."""
     budget = state["budget"]
-    if len(results) < budget["trials"] or interrupted(results):
+    if interrupted(results, budget["trials"]):
         print(f"search interrupted; its state is saved. Continue with: "
               f"python search/run.py {state['method']} --resume {state['name']}")
         return 130
