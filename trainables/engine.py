@@ -86,7 +86,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Reporter(Protocol):
-    def restore(self) -> str | None: ...
+    def restore(self, load: Callable[[str], None]) -> None: ...
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
 
 
@@ -240,8 +240,7 @@ def fit(method_cls, cfg: TrainConfig, reporter: Reporter, prepared: Prepared | N
     """
     prepared = prepared or prepare(cfg)
     trial = Trial(method_cls, cfg, prepared)
-    if (resume_dir := reporter.restore()) is not None:
-        trial.load(resume_dir)
+    reporter.restore(trial.load)
     last: dict[str, float] = {}
     while trial.epoch < cfg.epochs:
         started = time.perf_counter()
@@ -265,13 +264,13 @@ def fit(method_cls, cfg: TrainConfig, reporter: Reporter, prepared: Prepared | N
 class TuneReporter:
     """Reports through Ray Tune; checkpoints become Tune checkpoints, so a trial resumes."""
 
-    def restore(self) -> str | None:
+    def restore(self, load: Callable[[str], None]) -> None:
+        """Loads the trial's last Tune checkpoint, if it has one (a resumed or retried trial)."""
         from ray import tune
         ckpt = tune.get_checkpoint()
-        if ckpt is None:
-            return None
-        self._restored = tempfile.mkdtemp(prefix="tailtune-restore-")
-        return ckpt.to_directory(self._restored)
+        if ckpt is not None:
+            with ckpt.as_directory() as directory:
+                load(directory)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         from ray import tune
@@ -286,8 +285,9 @@ class LocalReporter:
         self.out_dir = out_dir
         os.makedirs(out_dir, exist_ok=True)
 
-    def restore(self) -> str | None:
-        return self.out_dir if os.path.exists(os.path.join(self.out_dir, STATE_FILE)) else None
+    def restore(self, load: Callable[[str], None]) -> None:
+        if os.path.exists(os.path.join(self.out_dir, STATE_FILE)):
+            load(self.out_dir)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         keys = ("epoch", "train_loss", "lr", "val_acc", "val_auroc", "val_score", "test_acc", "test_auroc")
@@ -295,14 +295,6 @@ class LocalReporter:
         if checkpoint_dir:
             for name in os.listdir(checkpoint_dir):
                 os.replace(os.path.join(checkpoint_dir, name), os.path.join(self.out_dir, name))
-
-
-def make_trainable(method_cls) -> Callable[[dict], None]:
-    """Returns the Ray Tune function trainable `train(config)` for a method."""
-    def train(config: dict) -> None:
-        fit(method_cls, method_cls.config_cls.from_dict(config), TuneReporter())
-    train.__name__ = f"train_{method_cls.name}"
-    return train
 
 
 def parse_value(text: str) -> Any:
