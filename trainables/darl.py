@@ -5,7 +5,7 @@ and CutMix rows with two-hot targets), the ALA margin (Eqs. 7-9) inside LGLA's p
 cross-entropy, and ODIN on the averaged expert logits at test time. Everything else (loop,
 schedule, evaluation, reporting) is the shared engine. Spec: darl.md.
 
-Run one trial without Ray:  python -m trainables.darl --epochs 2 --data-dir ../shared/data
+Run one trial without Ray:  python -m trainables.darl --epochs 2 --data-dir DATA_DIR
 """
 from __future__ import annotations
 
