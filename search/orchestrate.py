@@ -53,15 +53,19 @@ def init_ray(address: str | None) -> None:
                  object_store_memory=256 * 2**20)
 
 
-def resources(args: argparse.Namespace, max_concurrent: int) -> dict[str, float]:
+def resources(args: argparse.Namespace, budget: dict) -> dict[str, float]:
     """Returns per-trial resources; a GPU request on a GPU-less cluster is an error, not a hang."""
     gpus_available = ray.cluster_resources().get("GPU", 0)
     gpus = args.gpus_per_trial
     if gpus is None:
-        gpus = min(1.0, gpus_available / max_concurrent) if gpus_available else 0.0
+        gpus = min(1.0, gpus_available / budget["max_concurrent"]) if gpus_available else 0.0
     if gpus > 0 and gpus_available == 0:
         raise ValueError(f"--gpus-per-trial {gpus:g} but the Ray cluster has no GPU")
-    return {"cpu": args.cpus_per_trial, "gpu": gpus}
+    cpus_available = ray.cluster_resources().get("CPU", 0)
+    if budget["cpus_per_trial"] > cpus_available:
+        raise ValueError(f"--cpus-per-trial {budget['cpus_per_trial']:g} but the Ray cluster has "
+                         f"{cpus_available:g} CPUs")
+    return {"cpu": budget["cpus_per_trial"], "gpu": gpus}
 
 
 def searcher(space: spaces.Space, sampler: str, seed: int) -> OptunaSearch:
@@ -89,7 +93,7 @@ def start(plan: dict, record: dict[str, str], args: argparse.Namespace) -> int:
         return 2
     init_ray(args.address)
     try:
-        per_trial = resources(args, budget["max_concurrent"])
+        per_trial = resources(args, budget)
     except ValueError as e:
         ray.shutdown()
         print(f"error: {e}", file=sys.stderr)
@@ -152,7 +156,7 @@ def resume(state: dict, path: str, args: argparse.Namespace) -> int:
     init_ray(args.address)
     try:
         try:
-            per_trial = resources(args, state["budget"]["max_concurrent"])
+            per_trial = resources(args, state["budget"])
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

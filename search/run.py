@@ -25,16 +25,19 @@ from trainables.config import default_test_ood  # noqa: E402
 # Each preset is a budget: trials, epochs, ASHA rungs, concurrency, and config overrides.
 PRESETS = {
     # Every stage on 2 CPU cores in a few minutes: tiny LT subset, short trials, some pruned.
-    "smoke": {"trials": 4, "epochs": 3, "grace_period": 1, "reduction_factor": 2, "max_concurrent": 2,
+    # One trial at a time (on both cores): ASHA then sees results in a fixed order, so which
+    # trials it prunes does not depend on which of two concurrent trials happened to finish first.
+    "smoke": {"trials": 4, "epochs": 3, "grace_period": 1, "reduction_factor": 2, "max_concurrent": 1,
+              "cpus_per_trial": 2.0,
               "config": {"n_max": 100, "val_per_class": 10, "test_per_class": 30, "ood_max_images": 100,
                          "val_ood_size": 100, "batch_size": 16, "warmup_epochs": 1,
                          "eval_batch_size": 100}},
     # A first real look on one GPU: full data, a short proxy schedule.
     "small": {"trials": 8, "epochs": 30, "grace_period": 12, "reduction_factor": 2, "max_concurrent": 4,
-              "config": {"ood_max_images": 2000}},
+              "cpus_per_trial": 1.0, "config": {"ood_max_images": 2000}},
     # The spec's search budget (DARL §4.2): 200-epoch proxy, grace 40% of it, full test sets.
     "paper": {"trials": 32, "epochs": 200, "grace_period": 80, "reduction_factor": 2, "max_concurrent": 4,
-              "config": {}},
+              "cpus_per_trial": 1.0, "config": {}},
 }
 SAMPLERS = ("tpe", "cmaes", "random", "nsga2")
 METRIC = "val_score"
@@ -69,7 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="sampler seed and training seed")
     p.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial can be pruned")
     p.add_argument("--reduction-factor", type=float, help="ASHA reduction factor (>= 2)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (preset's by default)")
     p.add_argument("--gpus-per-trial", type=float, default=None,
                    help="fractional GPUs per trial (default: 1/max-concurrent if GPUs exist, else 0)")
     p.add_argument("--max-concurrent", type=int, help="trials running at once")
@@ -129,7 +132,8 @@ def build_plan(args: argparse.Namespace) -> dict:
         raise UsageError(f"--imbalance-ratio {args.imbalance_ratio:g}: expected 10, 50 or 100")
     preset = PRESETS[args.preset]
     budget = {k: getattr(args, k) if getattr(args, k) is not None else preset[k]
-              for k in ("trials", "epochs", "grace_period", "reduction_factor", "max_concurrent")}
+              for k in ("trials", "epochs", "grace_period", "reduction_factor", "max_concurrent",
+                        "cpus_per_trial")}
     for key in ("trials", "epochs", "grace_period", "max_concurrent"):
         if budget[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')} {budget[key]}: expected an integer >= 1")
@@ -137,8 +141,8 @@ def build_plan(args: argparse.Namespace) -> dict:
         raise UsageError(f"--grace-period {budget['grace_period']}: must not exceed --epochs {budget['epochs']}")
     if budget["reduction_factor"] < 2:
         raise UsageError(f"--reduction-factor {budget['reduction_factor']:g}: expected >= 2")
-    if args.cpus_per_trial <= 0:
-        raise UsageError(f"--cpus-per-trial {args.cpus_per_trial:g}: expected > 0")
+    if budget["cpus_per_trial"] <= 0:
+        raise UsageError(f"--cpus-per-trial {budget['cpus_per_trial']:g}: expected > 0")
     if args.gpus_per_trial is not None and not 0 <= args.gpus_per_trial <= 8:
         raise UsageError(f"--gpus-per-trial {args.gpus_per_trial:g}: expected a number in [0, 8]")
 

@@ -28,6 +28,8 @@ def test_unknown_method_lists_valid_ones(capsys):
     (["darl", "--trials", "0"], "--trials 0: expected an integer >= 1"),
     (["darl", "--epochs", "3", "--grace-period", "5"], "--grace-period 5: must not exceed --epochs 3"),
     (["darl", "--reduction-factor", "1"], "--reduction-factor 1: expected >= 2"),
+    (["darl", "--cpus-per-trial", "0"], "--cpus-per-trial 0: expected > 0"),
+    (["darl", "--gpus-per-trial", "-1"], "--gpus-per-trial -1: expected a number in [0, 8]"),
     (["darl", "--test-ood", "cifar100,imagenet_o"], "imagenet_o"),
     (["darl", "--val-ood", "cifar100"], "validation OOD must be synthetic"),
     (["darl", "--space", "tau_energy=200:300"], "--space tau_energy=200:300: out of range; allowed log-uniform [0.1, 100]"),

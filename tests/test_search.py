@@ -161,7 +161,7 @@ def test_parent_artifacts_and_champion(smoke, tracking_uri, data_dir, cache_dir,
 @pytest.mark.integration
 def test_interrupted_search_resumes_without_duplicates(tmp_path, data_dir, cache_dir, tracking_uri):
     name = "resume-it"
-    common = ["--trials", "3", "--epochs", "2", "--grace-period", "2", "--max-concurrent", "1",
+    common = ["--trials", "3", "--epochs", "2", "--grace-period", "2",
               "--data-dir", data_dir, "--cache-dir", cache_dir, "--no-download",
               "--tracking-uri", tracking_uri, "--storage", str(tmp_path / "ray_results")]
     proc = search([*common, "--name", name], tmp_path)
@@ -198,7 +198,9 @@ def test_interrupted_search_resumes_without_duplicates(tmp_path, data_dir, cache
 @pytest.mark.integration
 def test_nsga2_reports_pareto_front(tmp_path, data_dir, cache_dir, tracking_uri):
     name = "nsga2-it"
+    # Two trials at once on one core each: the concurrent path of the scheduler.
     proc = search(["--sampler", "nsga2", "--trials", "2", "--epochs", "1", "--grace-period", "1",
+                   "--max-concurrent", "2", "--cpus-per-trial", "1",
                    "--data-dir", data_dir, "--cache-dir", cache_dir, "--no-download", "--name", name,
                    "--tracking-uri", tracking_uri, "--storage", str(tmp_path / "ray_results")], tmp_path)
     out, _ = proc.communicate(timeout=600)
