@@ -68,6 +68,18 @@ def resources(args: argparse.Namespace, budget: dict) -> dict[str, float]:
     return {"cpu": budget["cpus_per_trial"], "gpu": gpus}
 
 
+def connect(args: argparse.Namespace, budget: dict) -> dict[str, float] | None:
+    """Starts or joins Ray; returns per-trial resources, or None after a one-line error if the
+    cluster cannot meet them."""
+    init_ray(args.address)
+    try:
+        return resources(args, budget)
+    except ValueError as e:
+        ray.shutdown()
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
 def searcher(space: spaces.Space, sampler: str, seed: int) -> OptunaSearch:
     samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
                 "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
@@ -91,12 +103,8 @@ def start(plan: dict, record: dict[str, str], args: argparse.Namespace) -> int:
         print(f"error: a search named {name!r} exists at {path}; use --resume {name} or another --name",
               file=sys.stderr)
         return 2
-    init_ray(args.address)
-    try:
-        per_trial = resources(args, budget)
-    except ValueError as e:
-        ray.shutdown()
-        print(f"error: {e}", file=sys.stderr)
+    per_trial = connect(args, budget)
+    if per_trial is None:
         return 2
     client = MlflowClient(uri)
     experiment_id = tracking.ensure_experiment(client, f"tailtune/{method}/{tag}", uri)
@@ -153,13 +161,10 @@ def resume(state: dict, path: str, args: argparse.Namespace) -> int:
         print(f"search {state['name']} already finished; its champion is models:/{state['model_name']}@champion")
         return 0
     print(f"resuming search {state['name']} from {path}")
-    init_ray(args.address)
+    per_trial = connect(args, state["budget"])
+    if per_trial is None:
+        return 2
     try:
-        try:
-            per_trial = resources(args, state["budget"])
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
         results = tune.Tuner.restore(path, trainable=tune.with_resources(
             make_trainable(state["method"], state["config"]), per_trial),
             resume_unfinished=True, resume_errored=True).fit()
