@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from datetime import datetime
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -100,7 +99,6 @@ def check_server(uri: str, timeout_s: float = 10.0) -> None:
                               f"start it or pass another --tracking-uri") from None
 
 
-
 def list_methods() -> None:
     for name in registry.names():
         space = spaces.get(name)
@@ -155,10 +153,6 @@ def build_plan(args: argparse.Namespace) -> dict:
         if getattr(args, flag):
             config[key] = tuple(n.strip() for n in getattr(args, flag).split(",") if n.strip())
     config.setdefault("test_ood", default_test_ood(args.dataset))
-    try:
-        data.check_ood_names(list(config["test_ood"]), args.dataset)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     bad_val = [n for n in config.get("val_ood", ()) if n not in data.synthetic_names()]
     if bad_val:
         raise UsageError(f"--val-ood {','.join(bad_val)}: validation OOD must be synthetic, one of "
@@ -191,7 +185,10 @@ def check_data_and_space(plan: dict) -> dict[str, str]:
     returns the data record (the arrays are dropped: the workers load their own)."""
     method_cls = registry.get(plan["method"])
     cfg = method_cls.config_cls.from_dict({**plan["config"], **plan["space"].paper_point})
-    prepared = engine.prepare(cfg)
+    try:
+        prepared = engine.prepare(cfg)   # checks the OOD names and the split before loading
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     k_dist = plan["space"].distributions.get("num_experts")
     for k in getattr(k_dist, "choices", ()):
         try:
@@ -251,6 +248,4 @@ def default_name(method: str, dataset: str, ir: float) -> str:
 
 
 if __name__ == "__main__":
-    started = time.time()
-    code = main()
-    sys.exit(code)
+    sys.exit(main())

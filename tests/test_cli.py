@@ -38,6 +38,7 @@ def test_unknown_method_lists_valid_ones(capsys):
     (["darl", "--set", "tau_energy=3"], "use --space tau_energy=VALUE"),
     (["darl", "--set", "no_such_field=3"], "unknown config keys ['no_such_field']"),
     (["darl", "--resume", "nothing-here", "--storage", "/nonexistent"], "no search state"),
+    (["darl", "--set", "val_per_class=0"], "val_per_class=0: a search needs a validation split"),
 ])
 def test_bad_options(capsys, argv, expected):
     assert expected in fails(capsys, argv)
