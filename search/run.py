@@ -186,7 +186,7 @@ def check_data_and_space(plan: dict) -> dict[str, str]:
     method_cls = registry.get(plan["method"])
     cfg = method_cls.config_cls.from_dict({**plan["config"], **plan["space"].paper_point})
     try:
-        prepared = engine.prepare(cfg)   # checks the OOD names and the split before loading
+        prepared = engine.prepare(cfg, method_cls.uses_outliers)   # checks names and split first
     except ValueError as e:
         raise UsageError(str(e)) from None
     k_dist = plan["space"].distributions.get("num_experts")

@@ -29,9 +29,11 @@ class Champion(mlflow.pyfunc.PythonModel):
         self.cfg = method_cls.config_cls.from_dict(meta["config"])
         self.cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(self.cfg.device)
-        self.model = method_cls(self.cfg, meta["counts"], self.device).build_model().to(self.device)
+        self.method = method_cls(self.cfg, meta["counts"], self.device)
+        self.model = self.method.build_model().to(self.device)
         state = torch.load(context.artifacts["state"], map_location=self.device)
         self.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state.get("method", {}))
         self.model.eval()
         self.class_names = meta["class_names"]
         self.threshold = float(meta["val_confidence_threshold95"])
@@ -42,7 +44,8 @@ class Champion(mlflow.pyfunc.PythonModel):
             raise ValueError(f"expected uint8 images of shape (N, 32, 32, 3), got {images.dtype} "
                              f"{images.shape}")
         x = augment.to_device_images(images, self.device)
-        logits, conf = engine.infer(self.model, x, self.cfg, with_logits=True)
+        logits, conf = engine.infer(self.method, self.model, x, self.cfg.eval_batch_size,
+                                    with_logits=True)
         probs = torch.from_numpy(logits).softmax(-1).numpy()
         index = probs.argmax(1)
         return pd.DataFrame({

@@ -6,6 +6,7 @@ paper's. Configs travel through Ray Tune and MLflow as flat dicts of plain value
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -40,8 +41,15 @@ class TrainConfig:
     val_ood_size: int = 1000            # images per synthetic validation set
     test_ood: tuple[str, ...] = DEFAULT_TEST_OOD
     ood_max_images: int | None = None   # cap per test OOD set (seeded subset); None = all
+    meta_per_class: int = 0             # balanced meta set held out after validation (Meta-CALA)
+    # Auxiliary outliers, for the methods that train with them (trainables.data.load_outliers).
+    outlier_set: str = "auto"           # auto | 300k | tin_aux | gaussian | a real OOD set name
+    outlier_batch_size: int | None = None   # outliers per step; None = batch_size (1:1)
+    outlier_max_images: int | None = None   # seeded subset of the outlier set; None = all
     # Optimisation (LGLA / DARL CIFAR recipe).
     epochs: int = 400
+    optimizer: str = "sgd"              # "sgd" | "adam"
+    lr_schedule: str = "step"           # "step": ×0.1 at each milestone | "cosine" (per epoch)
     batch_size: int = 128               # per stream
     lr: float = 0.1                     # η
     momentum: float = 0.9
@@ -69,16 +77,28 @@ class TrainConfig:
         cast = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(**cast)
 
+    def __post_init__(self) -> None:
+        for name, value, accepted in (("optimizer", self.optimizer, ("sgd", "adam")),
+                                      ("lr_schedule", self.lr_schedule, ("step", "cosine")),
+                                      ("warmup_method", self.warmup_method, ("constant", "linear"))):
+            if value not in accepted:
+                raise ValueError(f"{name}={value!r}; accepted: {', '.join(accepted)}")
+
     def to_dict(self) -> dict[str, Any]:
         """Returns the config as a flat dict of plain values."""
         return dataclasses.asdict(self)
 
     def lr_at(self, epoch: int) -> float:
-        """Returns the learning rate for 0-based `epoch`: warm-up, then ×0.1 at each milestone."""
+        """Returns the learning rate for 0-based `epoch`: warm-up, then ×0.1 at each milestone
+        ("step") or cosine annealing to 0 over the remaining epochs ("cosine", stepped per epoch
+        like CosineAnnealingLR(T_max=epochs - warmup_epochs))."""
         if epoch < self.warmup_epochs:
             if self.warmup_method == "linear":   # LGLA: factor ramps from 1/3 to 1
                 return self.lr * (1 / 3 + (2 / 3) * epoch / self.warmup_epochs)
             return self.lr * 0.1
+        if self.lr_schedule == "cosine":
+            span = max(self.epochs - self.warmup_epochs, 1)
+            return self.lr * 0.5 * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / span))
         steps = sum(epoch >= round(m * self.epochs) for m in self.lr_milestones)
         return self.lr * 0.1 ** steps
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from trainables import augment, lgla, metrics, models
 from trainables.config import TrainConfig
-from trainables.engine import Batch
+from trainables.method import Batch, Method as BaseMethod
 
 
 @dataclass
@@ -102,15 +102,14 @@ def ambiguity_stats(ehat: torch.Tensor, labels_group: torch.Tensor, clean: torch
     return stats
 
 
-class Method:
-    """DARL for the shared engine: model, streams, loss."""
+class Method(BaseMethod):
+    """DARL for the shared engine: model, streams, loss; ODIN (cfg.ood_score) at test time."""
 
     config_cls = DarlConfig
     name = "darl"
 
     def __init__(self, cfg: DarlConfig, counts: list[int], device: torch.device):
-        self.cfg = cfg
-        self.num_classes = len(counts)
+        super().__init__(cfg, counts, device)
         tau_gla = cfg.tau_gla if cfg.tau_gla is not None else lgla.default_tau_gla(self.num_classes)
         self.bands = [b.to(device) for b in lgla.class_bands(counts, cfg.num_experts)]
         self.margins = lgla.static_margins(counts, cfg.num_experts, tau_gla).to(device)

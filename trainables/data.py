@@ -93,6 +93,7 @@ class DatasetSpec:
     n_max: int | None = None
     test_per_class: int | None = None
     seed: int = 0
+    meta_per_class: int = 0  # a balanced meta set held out after validation (Meta-CALA)
 
     def __post_init__(self) -> None:
         if self.name not in ID_NAMES:
@@ -103,6 +104,8 @@ class DatasetSpec:
             )
         if self.val_per_class < 0:
             raise ValueError(f"val_per_class={self.val_per_class}; accepted: an integer >= 0")
+        if self.meta_per_class < 0:
+            raise ValueError(f"meta_per_class={self.meta_per_class}; accepted: an integer >= 0")
         if self.n_max is not None and self.n_max < 1:
             raise ValueError(f"n_max={self.n_max}; accepted: None or an integer >= 1")
         if self.test_per_class is not None and self.test_per_class < 1:
@@ -135,6 +138,7 @@ class LongTailData:
     train_index: np.ndarray = field(default_factory=_empty_index)
     val_index: np.ndarray = field(default_factory=_empty_index)
     test_index: np.ndarray = field(default_factory=_empty_index)
+    meta: ImageSet | None = None  # balanced meta set (only when meta_per_class > 0)
 
     @property
     def num_classes(self) -> int:
@@ -455,25 +459,29 @@ def _missing_id_message(name: str, data_dir: str | None, looked: list[str]) -> s
 
 
 def _holdout_and_subsample(
-    y_train: np.ndarray, counts: list[int], val_per_class: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return (train indices, validation indices) into the official training split.
+    y_train: np.ndarray, counts: list[int], val_per_class: int, seed: int, meta_per_class: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (train, validation, meta) indices into the official training split.
 
     One RandomState walks the classes twice: first a permutation per class whose first
-    val_per_class indices become validation, then a permutation per class of what remains whose
-    first counts[c] indices become training. Validation is therefore identical for every IR.
+    val_per_class indices become validation and the next meta_per_class the meta set, then a
+    permutation per class of what remains whose first counts[c] indices become training.
+    Validation is therefore identical for every IR and every meta-set size.
     """
     rng = np.random.RandomState(seed)
-    remaining, val = [], []
+    held = val_per_class + meta_per_class
+    remaining, val, meta = [], [], []
     for c in range(len(counts)):
         members = np.flatnonzero(y_train == c)
         # With no hold-out, draw nothing here: the selection is then exactly LDAM-DRW's
         # (np.random.seed(seed), then per class shuffle and keep the first n_c).
-        order = rng.permutation(members) if val_per_class else members
+        order = rng.permutation(members) if held else members
         val.append(np.sort(order[:val_per_class]))
-        remaining.append(np.sort(order[val_per_class:]))
+        meta.append(np.sort(order[val_per_class:held]))
+        remaining.append(np.sort(order[held:]))
     train = [np.sort(rng.permutation(rest)[:n]) for rest, n in zip(remaining, counts)]
-    return np.concatenate(train).astype(np.int64), np.concatenate(val).astype(np.int64)
+    as_index = lambda parts: np.concatenate(parts).astype(np.int64)  # noqa: E731
+    return as_index(train), as_index(val), as_index(meta)
 
 
 def _balanced_subset(y: np.ndarray, num_classes: int, per_class: int, seed: int) -> np.ndarray:
@@ -495,13 +503,14 @@ def _check_counts(
     spec: DatasetSpec, counts: list[int], per_class: np.ndarray, class_names: list[str]
 ) -> None:
     """Raise ValueError if some class has fewer images than validation plus its LT count."""
+    held = spec.val_per_class + spec.meta_per_class
     for c, (wanted, have) in enumerate(zip(counts, per_class)):
-        available = int(have) - spec.val_per_class
+        available = int(have) - held
         if available < wanted or available < 0:
             raise ValueError(
                 f"class {c} ('{class_names[c]}') needs {spec.val_per_class} validation + "
-                f"{wanted} training images but has {int(have)}; accepted: "
-                f"val_per_class + n_max <= {int(per_class.min())}"
+                f"{spec.meta_per_class} meta + {wanted} training images but has {int(have)}; "
+                f"accepted: val_per_class + meta_per_class + n_max <= {int(per_class.min())}"
             )
 
 
@@ -520,16 +529,17 @@ def load_id_data(
     class_names = [str(n) for n in arrays["class_names"]]
     num_classes = len(class_names)
     per_class = np.bincount(y_train, minlength=num_classes)
-    n_max = spec.n_max if spec.n_max is not None else int(per_class.min()) - spec.val_per_class
+    held = spec.val_per_class + spec.meta_per_class
+    n_max = spec.n_max if spec.n_max is not None else int(per_class.min()) - held
     if n_max < 1:
         raise ValueError(
-            f"val_per_class={spec.val_per_class} leaves no training images; "
-            f"accepted: val_per_class < {int(per_class.min())}"
+            f"val_per_class={spec.val_per_class} + meta_per_class={spec.meta_per_class} leaves no "
+            f"training images; accepted: a sum < {int(per_class.min())}"
         )
     counts = lt_counts(num_classes, n_max, spec.imbalance_ratio)
     _check_counts(spec, counts, per_class, class_names)
-    train_index, val_index = _holdout_and_subsample(
-        y_train, counts, spec.val_per_class, spec.seed
+    train_index, val_index, meta_index = _holdout_and_subsample(
+        y_train, counts, spec.val_per_class, spec.seed, spec.meta_per_class
     )
     if spec.test_per_class is None:
         test_index = np.arange(len(y_test), dtype=np.int64)
@@ -554,6 +564,7 @@ def load_id_data(
         "counts": ",".join(str(n) for n in counts),
         "train_size": str(len(train)),
         "val_size": str(len(val)),
+        "meta_per_class": str(spec.meta_per_class),
         "test_size": str(len(test)),
         "id_source": source,
         "class_order": CLASS_ORDER,
@@ -568,6 +579,7 @@ def load_id_data(
         train_index=train_index,
         val_index=val_index,
         test_index=test_index,
+        meta=subset("train", meta_index, f"{spec.name}-meta") if spec.meta_per_class else None,
     )
 
 
@@ -757,3 +769,92 @@ def synthetic_ood(name: str, n: int, seed: int) -> ImageSet:
         blurred[blurred < 0.75] = 0.0
         x = _to_uint8(blurred)
     return ImageSet(x, np.full(n, -1, dtype=np.int64), name)
+
+
+# ----------------------------------------------------------------------------- auxiliary outliers
+
+# Training outliers (OE, Energy-OE, RNA, Open-sampling, PASCL). "300k" is the user's own
+# 300K_random_images.npy (Hendrycks et al., uint8 [N, 32, 32, 3]); "tin_aux" the offline
+# TinyImages-300K stand-in; "gaussian" the noise DARL's baselines used when no set was given.
+OUTLIER_FILE = "300K_random_images.npy"
+OUTLIER_NAMES = ("auto", "300k", "tin_aux", "gaussian")
+OUTLIER_ORDER = ("300k", "tin_aux", "gaussian")   # what "auto" tries
+GAUSSIAN_OUTLIERS = 10_000
+# Sets that share a source with an outlier set but no class or image: allowed, and noted.
+_SHARED_SOURCE = {("tin_aux", "tin"): "tin_aux and tin are both TinyImageNet but share no class "
+                                      "and no image (see the data README)"}
+
+
+def _outlier_npy(data_dir: str | None, cache_dir: str) -> str | None:
+    for folder in ([data_dir] if data_dir else []) + [cache_dir]:
+        path = os.path.join(folder, OUTLIER_FILE)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def check_outlier_set(name: str, test_ood: list[str], val_ood: list[str]) -> str:
+    """Raise ValueError if `name` is unknown or is also a test or validation OOD set (training on
+    the sets a detector is judged on would inflate its numbers). Returns a note ('' if none) for
+    pairs that share a source but no image."""
+    valid = OUTLIER_NAMES + tuple(ood_set_names())
+    if name not in valid:
+        raise ValueError(f"unknown outlier set '{name}'; accepted: {', '.join(valid)}")
+    if name in test_ood:
+        raise ValueError(f"outlier set '{name}' is also a test OOD set; drop it from test_ood or "
+                         f"train on another outlier set ({', '.join(OUTLIER_ORDER)})")
+    if name in val_ood:
+        raise ValueError(f"outlier set '{name}' is also a validation OOD set; drop it from val_ood "
+                         f"or train on another outlier set ({', '.join(OUTLIER_ORDER)})")
+    return "; ".join(note for (aux, test), note in _SHARED_SOURCE.items()
+                     if aux == name and test in test_ood)
+
+
+def load_outliers(
+    name: str,
+    data_dir: str | None,
+    cache_dir: str,
+    max_images: int | None = None,
+    seed: int = 0,
+) -> ImageSet:
+    """Return the auxiliary outlier set `name` (labels -1), its .name the set actually used.
+
+    "auto" takes the first of 300k, tin_aux, gaussian that exists. max_images keeps a seeded
+    subset. Raises MissingDataError when a named set is not found.
+    """
+    if name == "auto":
+        for candidate in OUTLIER_ORDER:
+            if candidate == "gaussian" or (
+                _outlier_npy(data_dir, cache_dir) if candidate == "300k"
+                else _local_source_exists(candidate, data_dir)):
+                return load_outliers(candidate, data_dir, cache_dir, max_images, seed)
+    rng = np.random.RandomState(seed)
+    if name == "gaussian":
+        x = synthetic_ood("gaussian", max_images or GAUSSIAN_OUTLIERS, seed).x
+    elif name == "300k":
+        path = _outlier_npy(data_dir, cache_dir)
+        if path is None:
+            raise MissingDataError(f"outlier set '300k': no {OUTLIER_FILE} in "
+                                   f"{data_dir or '(no --data-dir)'} or {cache_dir}")
+        images = np.load(path, mmap_mode="r")
+        keep = (np.sort(rng.choice(len(images), max_images, replace=False))
+                if max_images is not None and max_images < len(images) else slice(None))
+        x = np.ascontiguousarray(images[keep])
+    elif name == "tin_aux":
+        source, looked = _resolve(_local_sources("tin_aux", None, data_dir, cache_dir), None, False)
+        if source is None:
+            raise MissingDataError(f"outlier set 'tin_aux' not found (looked in: {'; '.join(looked)})")
+        x = _cached(_cache_path(cache_dir, "aux-tin_aux", source, OOD_RESIZE_RULE),
+                    lambda: _decode_ood_imagefolder(source))["x"]
+    else:
+        found = load_ood(name, data_dir, cache_dir, download=False, seed=seed)
+        if found is None:
+            raise MissingDataError(f"outlier set '{name}' not found")
+        x = found.x
+    if max_images is not None and max_images < len(x) and name != "300k":
+        x = x[np.sort(rng.choice(len(x), max_images, replace=False))]
+    return ImageSet(np.ascontiguousarray(x), np.full(len(x), -1, dtype=np.int64), name)
+
+
+def _local_source_exists(stem: str, data_dir: str | None) -> bool:
+    return any(s.exists() for s in _local_sources(stem, None, data_dir, ""))

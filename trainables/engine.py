@@ -1,7 +1,6 @@
 """The shared engine: data on the device, the epoch loop, evaluation, reporting, checkpoints.
 
-A method supplies a class with `config_cls`, `name`, `__init__(cfg, counts, device)`,
-`uses_balanced_stream`, `build_model()` and `loss(model, batch, rng) -> (loss, stats)`.
+A method is a subclass of `trainables.method.Method` (its hooks and defaults are listed there).
 `fit` runs it the same way under Ray Tune (`TuneReporter`) and standalone (`LocalReporter`).
 """
 from __future__ import annotations
@@ -20,19 +19,11 @@ import torch
 
 from trainables import augment, data, metrics, scores
 from trainables.config import TrainConfig
+from trainables.method import Batch, TrainData  # noqa: F401  (Batch is re-exported)
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 SCORES_FILE = "scores.npz"
-
-
-@dataclass
-class Batch:
-    """One training step's inputs, normalised: the long-tailed stream and, if asked, the balanced one."""
-    x: torch.Tensor
-    y: torch.Tensor
-    x_bal: torch.Tensor | None = None
-    y_bal: torch.Tensor | None = None
 
 
 @dataclass
@@ -41,6 +32,8 @@ class Prepared:
     id: data.LongTailData
     val_ood: list[data.ImageSet]
     test_ood: list[data.ImageSet]
+    outliers: data.ImageSet | None = None
+    outlier_note: str = ""
 
     @property
     def record(self) -> dict[str, str]:
@@ -54,18 +47,33 @@ class Prepared:
                 "group_rule": metrics.GROUP_RULE,
                 "fpr_conventions": metrics.FPR_CONVENTIONS,
                 "aupr_convention": metrics.AUPR_CONVENTION,
-                "val_objective": "val_score = (val_acc + val_auroc) / 2; val_auroc = mean over val_ood_sets"}
+                "val_objective": "val_score = (val_acc + val_auroc) / 2; val_auroc = mean over val_ood_sets",
+                **self.outlier_record}
+
+    @property
+    def outlier_record(self) -> dict[str, str]:
+        if self.outliers is None:
+            return {}
+        out = {"outlier_set": self.outliers.name, "outlier_size": str(len(self.outliers))}
+        if self.outlier_note:
+            out["outlier_overlap_note"] = self.outlier_note
+        return out
 
 
 def dataset_spec(cfg: TrainConfig) -> data.DatasetSpec:
     return data.DatasetSpec(name=cfg.dataset, imbalance_ratio=cfg.imbalance_ratio,
                             val_per_class=cfg.val_per_class, n_max=cfg.n_max,
-                            test_per_class=cfg.test_per_class, seed=cfg.split_seed)
+                            test_per_class=cfg.test_per_class, seed=cfg.split_seed,
+                            meta_per_class=cfg.meta_per_class)
 
 
-def prepare(cfg: TrainConfig) -> Prepared:
-    """Returns the ID split, validation OOD (synthetic) and the test OOD sets that exist."""
+def prepare(cfg: TrainConfig, uses_outliers: bool = False) -> Prepared:
+    """Returns the ID split, validation OOD (synthetic), the test OOD sets that exist and, for a
+    method that trains with them, the auxiliary outliers."""
     data.check_ood_names(list(cfg.test_ood), cfg.dataset)
+    note = ""
+    if uses_outliers:
+        note = data.check_outlier_set(cfg.outlier_set, list(cfg.test_ood), list(cfg.val_ood))
     if cfg.val_per_class < 1:
         raise ValueError(f"val_per_class={cfg.val_per_class}: a search needs a validation split (>= 1)")
     ident = data.load_id_data(dataset_spec(cfg), cfg.data_dir, cfg.cache_dir, cfg.download)
@@ -76,7 +84,14 @@ def prepare(cfg: TrainConfig) -> Prepared:
                                        cfg.ood_max_images, seed=cfg.split_seed)) is not None]
     if not test_ood:
         raise data.MissingDataError(f"none of the test OOD sets {list(cfg.test_ood)} could be found")
-    return Prepared(ident, val_ood, test_ood)
+    outliers = None
+    if uses_outliers:
+        outliers = data.load_outliers(cfg.outlier_set, cfg.data_dir, cfg.cache_dir,
+                                      cfg.outlier_max_images, seed=cfg.split_seed)
+        if outliers.name in cfg.val_ood:   # "auto" fell back to noise that validation also uses
+            raise ValueError(f"outlier_set={cfg.outlier_set!r} resolved to '{outliers.name}', which is "
+                             f"also a validation OOD set; set val_ood without it")
+    return Prepared(ident, val_ood, test_ood, outliers, note)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,29 +105,17 @@ class Reporter(Protocol):
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
 
 
-def ensemble_logit_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Returns x -> mean of the experts' raw logits [B, C] (no margin at test time)."""
-    return lambda x: model(x)[0].mean(0)
-
-
-def score_params(cfg: TrainConfig) -> dict[str, float]:
-    if cfg.ood_score == "odin":
-        return {"temperature": cfg.odin_temperature, "eps": cfg.odin_eps}
-    return {}
-
-
-def infer(model: torch.nn.Module, images: torch.Tensor, cfg: TrainConfig,
+def infer(method, model: torch.nn.Module, images: torch.Tensor, batch_size: int,
           with_logits: bool) -> tuple[np.ndarray | None, np.ndarray]:
-    """Returns (ensemble logits [N, C] or None, OOD confidence [N]) for uint8 images [N,3,H,W]."""
+    """Returns (test-time logits [N, C] or None, OOD confidence [N]) for uint8 images [N,3,H,W]."""
     model.eval()
-    logit_fn = ensemble_logit_fn(model)
     all_logits, all_conf = [], []
-    for start in range(0, len(images), cfg.eval_batch_size):
-        x = augment.normalize(images[start:start + cfg.eval_batch_size])
+    for start in range(0, len(images), batch_size):
+        x = method.eval_transform(images[start:start + batch_size])
         if with_logits:
             with torch.no_grad():
-                all_logits.append(logit_fn(x).float().cpu())
-        all_conf.append(scores.confidence(cfg.ood_score, logit_fn, x, **score_params(cfg)).cpu())
+                all_logits.append(method.logits(model, x).float().cpu())
+        all_conf.append(method.confidence(model, x).detach().cpu())
     logits = torch.cat(all_logits).numpy() if with_logits else None
     return logits, torch.cat(all_conf).double().numpy()
 
@@ -127,8 +130,7 @@ class Trial:
         ident = prepared.id
         self.method = method_cls(cfg, ident.counts, self.device)
         self.model = self.method.build_model().to(self.device)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        self.optimizer = self.method.build_optimizer(self.model)
         to_dev = lambda s: augment.to_device_images(s.x, self.device)  # noqa: E731
         self.train_x, self.val_x, self.test_x = to_dev(ident.train), to_dev(ident.val), to_dev(ident.test)
         self.train_y = torch.from_numpy(ident.train.y).to(self.device)
@@ -137,6 +139,15 @@ class Trial:
         self.balanced_weights = (1.0 / counts)[self.train_y.cpu()].to(self.device)
         self.val_ood_x = [to_dev(s) for s in prepared.val_ood]
         self.test_ood_x = [to_dev(s) for s in prepared.test_ood]
+        self.outlier_x = to_dev(prepared.outliers) if prepared.outliers is not None else None
+        if self.method.uses_outliers and self.outlier_x is None:
+            raise ValueError(f"method {self.method.name} trains with outliers; prepare(cfg, "
+                             f"uses_outliers=True) loads them")
+        meta = ident.meta
+        self.method.begin_training(TrainData(
+            self.train_x, self.train_y,
+            to_dev(meta) if meta is not None else self.train_x[:0],
+            torch.from_numpy(meta.y).to(self.device) if meta is not None else self.train_y[:0]))
         self.groups = metrics.class_groups(ident.counts)
         self.pascl_groups = metrics.pascl_shot_groups(ident.counts)
         self.epoch = 0
@@ -155,15 +166,28 @@ class Trial:
         order = torch.randperm(n, device=dev, generator=gen)
         balanced = (torch.multinomial(self.balanced_weights, n, replacement=True, generator=gen)
                     if self.method.uses_balanced_stream else None)
+        n_out = cfg.outlier_batch_size or cfg.batch_size
+        outlier_order = None
+        if self.outlier_x is not None:
+            # Outliers are drawn without replacement; a set smaller than an epoch's need cycles.
+            need = math.ceil(n / cfg.batch_size) * n_out
+            laps = math.ceil(need / len(self.outlier_x))
+            outlier_order = torch.cat([torch.randperm(len(self.outlier_x), device=dev, generator=gen)
+                                       for _ in range(laps)])
+        self.method.begin_epoch(self.epoch, self.model)
         self.model.train()
         total, stats_sum, steps = torch.zeros((), device=dev), {}, math.ceil(n / cfg.batch_size)
         for step in range(steps):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            batch = Batch(augment.normalize(augment.crop_flip_cutout(self.train_x[idx], gen)), self.train_y[idx])
+            transform = self.method.train_transform
+            batch = Batch(transform(self.train_x[idx], gen), self.train_y[idx], index=idx)
             if balanced is not None:
                 bidx = balanced[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                batch.x_bal = augment.normalize(augment.crop_flip_cutout(self.train_x[bidx], gen))
+                batch.x_bal = transform(self.train_x[bidx], gen)
                 batch.y_bal = self.train_y[bidx]
+            if outlier_order is not None:
+                oidx = outlier_order[step * n_out:(step + 1) * n_out]
+                batch.x_out = transform(self.outlier_x[oidx], gen)
             loss, stats = self.method.loss(self.model, batch, rng)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -180,11 +204,14 @@ class Trial:
         return out
 
     # -- evaluation -------------------------------------------------------------------------
+    def infer(self, images: torch.Tensor, with_logits: bool) -> tuple[np.ndarray | None, np.ndarray]:
+        return infer(self.method, self.model, images, self.cfg.eval_batch_size, with_logits)
+
     def validate(self) -> tuple[dict[str, float], float]:
         """Returns (val metrics, the confidence threshold keeping 95% of validation ID)."""
-        logits, conf_id = infer(self.model, self.val_x, self.cfg, with_logits=True)
+        logits, conf_id = self.infer(self.val_x, with_logits=True)
         acc = float((logits.argmax(1) == self.prepared.id.val.y).mean())  # balanced set
-        aurocs = {s.name: metrics.auroc(conf_id, infer(self.model, x, self.cfg, False)[1])
+        aurocs = {s.name: metrics.auroc(conf_id, self.infer(x, False)[1])
                   for s, x in zip(self.prepared.val_ood, self.val_ood_x)}
         auroc = float(np.mean(list(aurocs.values())))
         out = {"val_acc": acc, "val_auroc": auroc, "val_score": (acc + auroc) / 2}
@@ -194,7 +221,7 @@ class Trial:
     def test(self) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """Returns (test metrics, per-sample arrays): ACC by group, per-set and averaged OOD metrics."""
         y = self.prepared.id.test.y
-        logits, conf_id = infer(self.model, self.test_x, self.cfg, with_logits=True)
+        logits, conf_id = self.infer(self.test_x, with_logits=True)
         pred = logits.argmax(1)
         out = {f"test_{k}": v for k, v in metrics.accuracy_by_group(pred, y, self.groups).items()}
         pascl = metrics.accuracy_by_group(pred, y, self.pascl_groups)
@@ -202,7 +229,7 @@ class Trial:
         arrays = {"id_confidence": conf_id, "id_label": y, "id_pred": pred}
         per_set = []
         for s, x in zip(self.prepared.test_ood, self.test_ood_x):
-            conf_ood = infer(self.model, x, self.cfg, with_logits=False)[1]
+            conf_ood = self.infer(x, with_logits=False)[1]
             arrays[f"ood_{s.name}_confidence"] = conf_ood
             m = metrics.ood_metrics(conf_id, conf_ood)
             m.update(metrics.per_group_auroc(conf_id, y, conf_ood, self.groups))
@@ -216,7 +243,8 @@ class Trial:
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, directory: str, extra_meta: dict[str, Any], arrays: dict[str, np.ndarray] | None) -> None:
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "epoch": self.epoch}, os.path.join(directory, STATE_FILE))
+                    "method": self.method.state_dict(), "epoch": self.epoch},
+                   os.path.join(directory, STATE_FILE))
         meta = {"method": self.method.name, "config": self.cfg.to_dict(), "epoch": self.epoch,
                 "counts": self.prepared.id.counts, "class_names": self.prepared.id.class_names,
                 **extra_meta}
@@ -229,6 +257,7 @@ class Trial:
         state = torch.load(os.path.join(directory, STATE_FILE), map_location=self.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state.get("method", {}))
         self.epoch = state["epoch"]
 
 
@@ -238,7 +267,7 @@ def fit(method_cls, cfg: TrainConfig, reporter: Reporter, prepared: Prepared | N
     The last epoch's report also carries the test metrics, so they exist even when a scheduler
     stops the trial right after it. Checkpoints carry the model, optimiser and epoch.
     """
-    prepared = prepared or prepare(cfg)
+    prepared = prepared or prepare(cfg, method_cls.uses_outliers)
     trial = Trial(method_cls, cfg, prepared)
     reporter.restore(trial.load)
     last: dict[str, float] = {}

@@ -1,0 +1,117 @@
+"""The base every method file subclasses: the defaults a method overrides only where it differs.
+
+A method supplies its config class, its model, its batch composition and loss, and (if it has
+one) its own test-time score. The engine (`trainables.engine`) owns the epoch loop, the streams,
+schedules, evaluation, reporting and checkpoints, and calls only what is defined here.
+
+Model contract: `model(x)` returns `(logits [K, B, C], feats [K, B, D])`; K = 1 for a
+single-head network, K experts for LGLA's mixture. Inputs are what `train_transform` /
+`eval_transform` return (normalised float images by default).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+
+from trainables import augment, scores
+from trainables.config import TrainConfig
+
+
+@dataclass
+class Batch:
+    """One training step's inputs, already transformed.
+
+    x, y: the long-tailed stream (`index` = the rows' positions in the training set);
+    x_bal, y_bal: the class-balanced stream, if the method asks for it;
+    x_out: a batch of auxiliary outliers (no labels), if the method asks for them.
+    """
+    x: torch.Tensor
+    y: torch.Tensor
+    x_bal: torch.Tensor | None = None
+    y_bal: torch.Tensor | None = None
+    x_out: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+
+
+@dataclass
+class TrainData:
+    """The training tensors on the device, handed to `Method.begin_training` once per trial.
+
+    x: uint8 [N, 3, H, W]; y: int64 [N]; meta_x / meta_y: the balanced held-out meta set
+    (empty unless the config asks for one, e.g. Meta-CALA).
+    """
+    x: torch.Tensor
+    y: torch.Tensor
+    meta_x: torch.Tensor
+    meta_y: torch.Tensor
+
+
+class Method:
+    """Defaults: SGD from the config, crop/flip/cutout + CIFAR normalisation, mean-of-experts
+    logits at test time, and `cfg.ood_score` (msp, energy, max_logit, odin) on those logits."""
+
+    config_cls = TrainConfig
+    name = "base"
+    uses_balanced_stream = False   # engine draws a class-balanced batch as batch.x_bal / y_bal
+    # Engine loads cfg.outlier_set and draws cfg.outlier_batch_size of them as batch.x_out. A class
+    # attribute: the data is prepared before the method is built.
+    uses_outliers = False
+
+    def __init__(self, cfg: TrainConfig, counts: list[int], device: torch.device):
+        self.cfg, self.counts, self.device = cfg, list(counts), device
+        self.num_classes = len(counts)
+
+    # -- model and optimiser ---------------------------------------------------------------
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} must define build_model()")
+
+    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """Returns the optimiser named by cfg.optimizer ("sgd" or "adam"), at cfg.lr."""
+        cfg = self.cfg
+        if cfg.optimizer == "adam":   # L2 added to the gradient (Adam's weight_decay, not AdamW)
+            return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+
+    # -- inputs ----------------------------------------------------------------------------
+    def train_transform(self, x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Returns the augmented, normalised training batch for uint8 images [B, 3, H, W]."""
+        return augment.normalize(augment.crop_flip_cutout(x_uint8, gen))
+
+    def eval_transform(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """Returns the network input for uint8 test images [B, 3, H, W]."""
+        return augment.normalize(x_uint8)
+
+    # -- training --------------------------------------------------------------------------
+    def begin_training(self, data: TrainData) -> None:
+        """Called once per trial, before the first epoch (not when a champion is loaded)."""
+
+    def begin_epoch(self, epoch: int, model: torch.nn.Module) -> None:
+        """Called before every epoch with its 0-based index."""
+
+    def loss(self, model: torch.nn.Module, batch: Batch,
+             rng: np.random.RandomState) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Returns (scalar loss, per-step stats as 0-d tensors; the engine averages them)."""
+        raise NotImplementedError(f"{type(self).__name__} must define loss()")
+
+    # -- test time -------------------------------------------------------------------------
+    def logits(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Returns the test-time class logits [B, C]: the mean over experts, no adjustment."""
+        return model(x)[0].mean(0)
+
+    def confidence(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Returns the test-time OOD confidence [B] (higher = more in-distribution)."""
+        params = ({"temperature": self.cfg.odin_temperature, "eps": self.cfg.odin_eps}
+                  if self.cfg.ood_score == "odin" else {})
+        return scores.confidence(self.cfg.ood_score, partial(self.logits, model), x, **params)
+
+    # -- extra state (beyond model and optimiser) ------------------------------------------
+    def state_dict(self) -> dict:
+        """Returns method state a checkpoint must carry (e.g. a meta-network); {} by default."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what `state_dict` returned."""
