@@ -336,7 +336,8 @@ def parse_value(text: str) -> Any:
 
 def main(method_cls, argv: list[str] | None = None) -> None:
     """Standalone entry point: `python -m trainables.<method> --epochs 2 --set key=value ...`."""
-    p = argparse.ArgumentParser(description=f"Train one {method_cls.name} trial without Ray.")
+    p = argparse.ArgumentParser(prog=f"python -m trainables {method_cls.name}",
+                                description=f"Train one {method_cls.name} trial without Ray.")
     p.add_argument("--epochs", type=int)
     p.add_argument("--data-dir", default=os.environ.get("TAILTUNE_DATA_DIR"))
     p.add_argument("--out", default=f"runs/{method_cls.name}", help="checkpoint folder (resumes if present)")
