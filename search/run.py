@@ -30,7 +30,7 @@ PRESETS = {
               "cpus_per_trial": 2.0,
               "config": {"n_max": 100, "val_per_class": 10, "test_per_class": 30, "ood_max_images": 100,
                          "val_ood_size": 100, "batch_size": 16, "warmup_epochs": 1,
-                         "eval_batch_size": 100}},
+                         "eval_batch_size": 100, "outlier_max_images": 1000}},
     # A first real look on one GPU: full data, a short proxy schedule.
     "small": {"trials": 8, "epochs": 30, "grace_period": 12, "reduction_factor": 2, "max_concurrent": 4,
               "cpus_per_trial": 1.0, "config": {"ood_max_images": 2000}},

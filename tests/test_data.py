@@ -308,3 +308,63 @@ def test_synthetic_names_and_unknown_name():
     assert synthetic_names() == ["gaussian", "uniform", "blobs", "rademacher"]
     with pytest.raises(ValueError, match="'pink'"):
         synthetic_ood("pink", 4, 0)
+
+
+# ----------------------------------------------------------------------------- meta set, outliers
+
+
+def test_meta_holdout_is_balanced_disjoint_and_keeps_validation():
+    y = np.repeat(np.arange(4), 40)
+    counts = lt_counts(4, 20, 10)
+    train0, val0, meta0 = data._holdout_and_subsample(y, counts, 5, seed=7)
+    train, val, meta = data._holdout_and_subsample(y, counts, 5, seed=7, meta_per_class=6)
+    assert len(meta0) == 0 and np.array_equal(val, val0)       # validation does not move
+    assert np.bincount(y[meta], minlength=4).tolist() == [6, 6, 6, 6]
+    assert np.bincount(y[train], minlength=4).tolist() == counts
+    assert not (set(meta) & set(val)) and not (set(meta) & set(train)) and not (set(val) & set(train))
+
+
+@needs_data
+def test_meta_set_in_the_data_record(cache_dir):
+    loaded = _load(cache_dir, n_max=100, val_per_class=5, meta_per_class=3, test_per_class=2)
+    assert loaded.meta is not None and len(loaded.meta) == 30
+    assert loaded.record["meta_per_class"] == "3"
+    assert np.bincount(loaded.meta.y, minlength=10).tolist() == [3] * 10
+    assert _load(cache_dir, n_max=100, val_per_class=5, test_per_class=2).meta is None
+
+
+def test_check_outlier_set_rejects_sets_judged_on():
+    assert data.check_outlier_set("tin_aux", ["cifar100", "mnist"], ["blobs"]) == ""
+    assert "share no class" in data.check_outlier_set("tin_aux", ["tin"], ["blobs"])
+    with pytest.raises(ValueError, match="outlier set 'gaussian' is also a validation OOD set"):
+        data.check_outlier_set("gaussian", ["tin"], ["gaussian", "blobs"])
+    with pytest.raises(ValueError, match="outlier set 'textures' is also a test OOD set"):
+        data.check_outlier_set("textures", ["textures", "tin"], ["blobs"])
+    with pytest.raises(ValueError, match="unknown outlier set 'imagenet'; accepted: auto, 300k"):
+        data.check_outlier_set("imagenet", [], [])
+
+
+def test_user_300k_file_is_preferred_and_subsampled(tmp_path):
+    images = np.random.RandomState(0).randint(0, 256, (40, 32, 32, 3)).astype(np.uint8)
+    np.save(tmp_path / data.OUTLIER_FILE, images)
+    got = data.load_outliers("auto", str(tmp_path), str(tmp_path / "cache"), max_images=10, seed=1)
+    assert got.name == "300k" and len(got) == 10 and (got.y == -1).all()
+    rows = {img.tobytes() for img in images}
+    assert all(img.tobytes() in rows for img in got.x)
+    again = data.load_outliers("300k", str(tmp_path), str(tmp_path / "cache"), max_images=10, seed=1)
+    assert np.array_equal(got.x, again.x)
+
+
+def test_auto_outliers_fall_back_to_gaussian_noise(tmp_path):
+    got = data.load_outliers("auto", str(tmp_path), str(tmp_path / "cache"), max_images=25)
+    assert got.name == "gaussian" and got.x.shape == (25, 32, 32, 3)
+    with pytest.raises(data.MissingDataError, match="tin_aux"):
+        data.load_outliers("tin_aux", str(tmp_path), str(tmp_path / "cache"))
+
+
+@needs_data
+def test_offline_tin_aux_is_the_auto_outlier_set(cache_dir):
+    got = data.load_outliers("auto", DATA_DIR, cache_dir, max_images=300, seed=0)
+    assert got.name == "tin_aux" and got.x.shape == (300, 32, 32, 3)
+    full = data.load_outliers("tin_aux", DATA_DIR, cache_dir)
+    assert len(full) == 24900
