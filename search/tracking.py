@@ -21,7 +21,7 @@ from trainables import engine
 # Keys Ray adds to every result; they are bookkeeping, not metrics.
 RAY_KEYS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
             "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config",
-            "time_since_restore", "iterations_since_restore", "should_checkpoint"}
+            "time_since_restore", "iterations_since_restore", "should_checkpoint", "node_id"}
 TRIAL_TAG = "tailtune.trial_id"
 STATE_TAG = "tailtune.state"
 
@@ -55,10 +55,11 @@ class TrialRuns(tune.Callback):
         self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
         self.parent_run_id, self.fixed_params, self.epochs = parent_run_id, fixed_params, epochs
         self._runs: dict[str, str] = {}
+        self._nodes: dict[str, list[str]] = {}
         self._client: MlflowClient | None = None
 
     def __getstate__(self):   # Tune pickles callbacks with the experiment state
-        return {**self.__dict__, "_client": None, "_runs": {}}
+        return {**self.__dict__, "_client": None, "_runs": {}, "_nodes": {}}
 
     @property
     def client(self) -> MlflowClient:
@@ -93,7 +94,24 @@ class TrialRuns(tune.Callback):
         batch = [Metric(k, float(v), now, step) for k, v in result.items()
                  if k not in RAY_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
                  and math.isfinite(float(v))]
-        self.client.log_batch(self.run_id(trial), metrics=batch)
+        self.client.log_batch(self.run_id(trial), metrics=batch, tags=self.node_tags(trial, result))
+
+    def node_tags(self, trial, result: dict) -> list[RunTag]:
+        """Returns the trial's node tags when it runs on a node it has not reported from yet:
+        `tailtune.node_id` (the latest) and `tailtune.nodes` (every node, in order; a trial
+        retried elsewhere after losing its node lists both)."""
+        node = result.get("node_id")
+        if node is None:
+            return []
+        seen = self._nodes.setdefault(trial.trial_id, [])
+        if not seen:   # a resumed search continues the list it recorded before
+            seen += [n for n in self.client.get_run(self.run_id(trial)).data.tags
+                     .get("tailtune.nodes", "").split(",") if n]
+        if node in seen and seen[-1] == node:
+            return []
+        seen.append(node)
+        return [RunTag("tailtune.node_id", node), RunTag("tailtune.node_ip", str(result.get("node_ip"))),
+                RunTag("tailtune.nodes", ",".join(seen))]
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         done = (trial.last_result or {}).get("training_iteration", 0)

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -27,10 +28,18 @@ def cache_dir(tmp_path_factory) -> str:
     return os.environ.get("TAILTUNE_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def world_readable_tmp() -> str:
+    """Returns a fresh folder the `postgres` user can traverse (pytest's tmp_path is 0700 when the
+    tests run as root, and PostgreSQL refuses to run as root)."""
+    path = tempfile.mkdtemp(prefix="tailtune-stack-", dir="/tmp")
+    os.chmod(path, 0o755)
+    return path
 
 
 def _wait_healthy(uri: str, proc: subprocess.Popen | None, timeout_s: float = 90) -> None:
@@ -55,7 +64,7 @@ def tracking_uri(tmp_path_factory) -> str:
         yield uri
         return
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",

@@ -302,9 +302,11 @@ class TuneReporter:
                 load(directory)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        import ray
         from ray import tune
         ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report(metrics, checkpoint=ckpt)
+        # Which Ray node ran this epoch: the driver tags the trial's run with it.
+        tune.report({**metrics, "node_id": ray.get_runtime_context().get_node_id()}, checkpoint=ckpt)
 
 
 class LocalReporter:
