@@ -109,9 +109,10 @@ def start(plan: dict, record: dict[str, str], args: argparse.Namespace) -> int:
     client = MlflowClient(uri)
     experiment_id = tracking.ensure_experiment(client, f"tailtune/{method}/{tag}", uri)
     searched = set(plan["space"].distributions)
-    full_config = registry.get(method).config_cls.from_dict(plan["config"]).to_dict()
+    method_cls = registry.get(method)
+    full_config = method_cls.config_cls.from_dict(plan["config"]).to_dict()
     fixed_params = {**{k: v for k, v in full_config.items() if k not in searched},
-                    **record,
+                    **record, "augment": method_cls.augment_rule, "normalisation": method_cls.input_rule,
                     "search.sampler": plan["sampler"], "search.seed": plan["seed"],
                     "search.preset": plan["preset"], "search.asha_grace_period": budget["grace_period"],
                     "search.asha_reduction_factor": budget["reduction_factor"]}

@@ -77,3 +77,105 @@ def cutmix(xa: torch.Tensor, xb: torch.Tensor, qa: torch.Tensor, qb: torch.Tenso
     x[..., y1:y2, x1:x2] = xb[..., y1:y2, x1:x2]
     lam_eff = 1 - (y2 - y1) * (x2 - x1) / (h * w)
     return x, lam_eff * qa + (1 - lam_eff) * qb, lam_eff
+
+
+# Colour augmentation of SimCLR-style recipes (RNA, PASCL): torchvision's ColorJitter and
+# RandomGrayscale, re-done on whole float batches in [0, 1]. Each op follows torchvision's tensor
+# implementation (float arithmetic, luma weights 0.2989/0.587/0.114). The PIL path the papers'
+# code ran rounds to uint8 after every op and shifts hue on an 8-bit channel (steps of 1/255);
+# those rounding differences are the only departure.
+LUMA = (0.2989, 0.587, 0.114)
+
+
+def _per_row(factor: torch.Tensor) -> torch.Tensor:
+    return factor.view(-1, 1, 1, 1)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Returns the luma of float images [B, 3, H, W] as [B, 1, H, W]."""
+    r, g, b = x.unbind(1)
+    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Returns clamp(b · x, 0, 1) for float images [B, 3, H, W] and per-row factors b [B]."""
+    return (_per_row(factor) * x).clamp(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Returns clamp(c · x + (1 - c) · m, 0, 1), m = the image's mean luma, per row."""
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    c = _per_row(factor)
+    return (c * x + (1 - c) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Returns clamp(s · x + (1 - s) · luma(x), 0, 1) per pixel and row."""
+    s = _per_row(factor)
+    return (s * x + (1 - s) * grayscale(x)).clamp(0, 1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Returns x with its HSV hue rotated by `shift` [B] (in turns, in [-0.5, 0.5]) per row."""
+    r, g, b = x.unbind(1)
+    v = x.max(1).values
+    chroma = v - x.min(1).values
+    grey = chroma == 0
+    sat = chroma / torch.where(grey, torch.ones_like(v), v)
+    safe = torch.where(grey, torch.ones_like(chroma), chroma)
+    rc, gc, bc = (v - r) / safe, (v - g) / safe, (v - b) / safe
+    hue = torch.where(v == r, bc - gc, torch.where(v == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.where(grey, torch.zeros_like(hue), hue)
+    hue = torch.remainder(hue / 6.0 + shift.view(-1, 1, 1), 1.0)
+    sector = torch.floor(hue * 6.0)
+    f = hue * 6.0 - sector
+    p = (v * (1 - sat)).clamp(0, 1)
+    q = (v * (1 - sat * f)).clamp(0, 1)
+    t = (v * (1 - sat * (1 - f))).clamp(0, 1)
+    sector = sector.long() % 6
+    # (r, g, b) for hue sectors 0..5 of the HSV hexcone
+    table = torch.stack([torch.stack(c, 1) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p),
+                                                     (p, p, t, v, v, q))], 1)   # [B, 3, 6, H, W]
+    index = sector[:, None, None].expand(-1, 3, 1, -1, -1)
+    return table.gather(2, index).squeeze(2)
+
+
+def color_jitter(x: torch.Tensor, gen: torch.Generator, brightness: float = 0.4,
+                 contrast: float = 0.4, saturation: float = 0.4, hue: float = 0.1,
+                 p: float = 0.8) -> torch.Tensor:
+    """Returns RandomApply([ColorJitter(brightness, contrast, saturation, hue)], p) applied to
+    every row of float images [B, 3, H, W] in [0, 1].
+
+    Per row, as torchvision: with probability p, draw b, c, s ~ U[1 - w, 1 + w] (floored at 0)
+    and a hue shift ~ U[-hue, hue], then apply the four ops in a random order of that row's own.
+    """
+    n, dev = x.shape[0], x.device
+    uniform = lambda lo, hi: lo + (hi - lo) * torch.rand(n, device=dev, generator=gen)  # noqa: E731
+    applied = torch.rand(n, device=dev, generator=gen) < p
+    factors = [uniform(max(0.0, 1 - w), 1 + w) for w in (brightness, contrast, saturation)]
+    shift = uniform(-hue, hue)
+    order = torch.rand(n, 4, device=dev, generator=gen).argsort(1)   # a permutation per row
+    ops = (adjust_brightness, adjust_contrast, adjust_saturation)
+    for step in range(4):
+        chosen = order[:, step]
+        # Factor 1 leaves a row exactly unchanged, so the three blends run on the whole batch.
+        for k, op in enumerate(ops):
+            on = applied & (chosen == k)
+            x = op(x, torch.where(on, factors[k], torch.ones_like(factors[k])))
+        on = applied & (chosen == 3)
+        x = torch.where(_per_row(on), adjust_hue(x, shift), x)
+    return x
+
+
+def random_grayscale(x: torch.Tensor, gen: torch.Generator, p: float = 0.2) -> torch.Tensor:
+    """Returns float images [B, 3, H, W] with each row turned to 3-channel luma with probability p."""
+    on = torch.rand(x.shape[0], device=x.device, generator=gen) < p
+    return torch.where(_per_row(on), grayscale(x).expand_as(x), x)
+
+
+def crop_flip_jitter_gray(x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Returns RNA/PASCL's CIFAR training view as float [B, 3, H, W] in [0, 1], unnormalised:
+    random crop (4-px zero padding) and flip, ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.8,
+    RandomGrayscale p = 0.2."""
+    x = crop_flip_cutout(x_uint8, gen, cutout=0).float() / 255.0
+    return random_grayscale(color_jitter(x, gen), gen)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from trainables import augment, data, metrics, scores
+from trainables import augment, data, metrics
 from trainables.config import TrainConfig
 from trainables.method import Batch, TrainData  # noqa: F401  (Batch is re-exported)
 
@@ -42,8 +42,6 @@ class Prepared:
                 "val_ood_sets": ",".join(s.name for s in self.val_ood),
                 "test_ood_sets": ",".join(s.name for s in self.test_ood),
                 "ood_resize_rule": data.OOD_RESIZE_RULE,
-                "augment": augment.AUGMENT_RULE,
-                "normalisation": f"mean {augment.CIFAR_MEAN} std {augment.CIFAR_STD} (CIFAR-10, all sets)",
                 "group_rule": metrics.GROUP_RULE,
                 "fpr_conventions": metrics.FPR_CONVENTIONS,
                 "aupr_convention": metrics.AUPR_CONVENTION,

@@ -59,6 +59,9 @@ class Method:
     # Engine loads cfg.outlier_set and draws cfg.outlier_batch_size of them as batch.x_out. A class
     # attribute: the data is prepared before the method is built.
     uses_outliers = False
+    # How images reach the network; logged with every trial (a method that changes them says so).
+    augment_rule = augment.AUGMENT_RULE
+    input_rule = f"mean {augment.CIFAR_MEAN} std {augment.CIFAR_STD} (CIFAR-10, all sets)"
 
     def __init__(self, cfg: TrainConfig, counts: list[int], device: torch.device):
         self.cfg, self.counts, self.device = cfg, list(counts), device

@@ -206,9 +206,90 @@ class LGLAResNet32(nn.Module):
         return torch.stack(logits), torch.stack(chunks)
 
 
+PROJECTIONS = ("mlp", "linear", "none")
+
+
+class ConvShortcutBlock(nn.Module):
+    """CIFAR ResNet-18 BasicBlock (kuangliu layout) with BN affine off; returns [B, planes, H', W'].
+
+    relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)); the shortcut is a 1x1 conv + BN when the
+    stride or the width changes. RNA drops BN's γ, β (a learnable scale would let every norm grow,
+    OOD's included); `shortcut_bn_affine` keeps them on the shortcut BN only, as the official RNA
+    code does (RNA spec §7, A1).
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut_bn_affine: bool = True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes, affine=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes, affine=False)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(planes, affine=shortcut_bn_affine))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class RNAResNet18(nn.Module):
+    """RNA's CIFAR ResNet-18 (RNA spec §2.1): f_θ, a linear classifier W (with bias) and h_φ.
+
+    Stem conv3x3(3->64) + BN + ReLU, no max-pool; stages [2, 2, 2, 2] of widths 64/128/256/512
+    and strides 1/2/2/2; GAP gives f_θ(x) [B, 512], non-negative (after the last ReLU). Every BN
+    has affine off except, with `shortcut_bn_affine` (the official code), the three shortcut BNs.
+    PyTorch's default initialisation, as in the official code.
+
+    forward(x [B, 3, H, W]) returns (logits [1, B, C], feats [1, B, 512]);
+    project(feats [..., 512]) returns h_φ(f) [..., proj_dim], used by the training loss only.
+    `projection`: "mlp" = Linear(512, 512)-ReLU-Linear(512, proj_dim), the paper's h_φ, output
+    not normalised; "linear" = W_h, a bias-free Linear(512, proj_dim); "none" = f itself
+    (the two ablations of the paper's Table 15).
+    """
+
+    num_experts = 1
+    feature_dim = 512
+
+    def __init__(self, num_classes: int, shortcut_bn_affine: bool = True, projection: str = "mlp",
+                 proj_dim: int = 128):
+        super().__init__()
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection={projection!r} is not one of {list(PROJECTIONS)}")
+        d = self.feature_dim
+        self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64, affine=False)
+        stages, in_planes = [], 64
+        for planes, stride in ((64, 1), (128, 2), (256, 2), (d, 2)):
+            stages.append(nn.Sequential(ConvShortcutBlock(in_planes, planes, stride, shortcut_bn_affine),
+                                        ConvShortcutBlock(planes, planes, 1, shortcut_bn_affine)))
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.classifier = nn.Linear(d, num_classes)
+        if projection == "mlp":
+            self.projection: nn.Module = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, proj_dim))
+        elif projection == "linear":
+            self.projection = nn.Linear(d, proj_dim, bias=False)
+        else:
+            self.projection = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        feats = _gap(out)                                    # f_θ(x): [B, 512], >= 0
+        return self.classifier(feats).unsqueeze(0), feats.unsqueeze(0)
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        """Returns h_φ(f) [..., proj_dim] (or f itself for projection="none"); not normalised."""
+        return self.projection(feats)
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet32": ResNet32,
     "lgla_resnet32": LGLAResNet32,
+    "resnet18_rna": RNAResNet18,
 }
 
 
@@ -221,7 +302,8 @@ def create(name: str, num_classes: int, **kwargs) -> nn.Module:
     """Returns a freshly initialised model `name` with `num_classes` outputs per expert.
 
     kwargs go to the model: resnet32 takes classifier="linear"|"cosine", cos_scale;
-    lgla_resnet32 takes num_experts, expert_shortcut="lgla_concat"|"per_expert", cos_scale.
+    lgla_resnet32 takes num_experts, expert_shortcut="lgla_concat"|"per_expert", cos_scale;
+    resnet18_rna takes shortcut_bn_affine, projection="mlp"|"linear"|"none", proj_dim.
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered models: {names()}")
