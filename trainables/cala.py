@@ -1,0 +1,438 @@
+"""CALA (Zhou, Wu and Yang, AAAI 2025): class- and attribute-aware logit adjustment.
+
+Both variants train a CIFAR ResNet-32 with the CALA loss (Eq. 5), softmax cross-entropy on
+
+    z + τ1·log p_tr(y) + τ2·v(x, ·),
+
+where v(x, c) estimates the log class-conditional density ratio log p_tr(x|c) / p_te(x|c) from
+the sample's neighbourhood in feature space, and both predict with the raw logits z (no
+adjustment at test time). They differ only in how v is estimated:
+
+- Heuristic-CALA (`HeuristicMethod`): v = log p̃_pr / p̃_mx over the K cosine nearest neighbours
+  in a bank of recent in-batch-Mixup batches (Eq. 8 with the class-average smoothing of Eq. A.11).
+- Meta-CALA (`MetaMethod`): v = MLP_Ω(ζ) on 42 neighbourhood and training-dynamics features,
+  with Ω meta-learned by a one-step look-ahead on a balanced meta set (Eqs. A.12-A.14).
+
+CALA is not an OOD detector: the test-time OOD score is the post-hoc cfg.ood_score (energy by
+default) on the raw logits, from the base class.
+
+Deviation (Meta-CALA): the paper balances its meta set over classes and attributes (KMeans, 6
+clusters per class, on pre-trained ResNet-50 features). No pre-trained network is available
+offline, so our meta set is class-balanced only: meta_per_class random images per class, held
+out by the engine after validation and before the long-tailed subsampling (as the released code
+holds out its meta set). For CIFAR-100 set meta_per_class=30 (3,000 images).
+
+Run one trial without Ray:  python -m trainables cala --epochs 2 --data-dir DATA_DIR
+"""
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from trainables import augment, losses, models
+from trainables.config import TrainConfig
+from trainables.method import Batch, Method, TrainData
+
+V_MODES = ("log", "l2_ratio")
+META_OUTS = ("per_class", "gt_scalar")
+NUM_BASE_CHARACTERISTICS = 21   # ζ1..ζ21 of Table A-1; ζ22..ζ42 are their changes
+
+
+@dataclass
+class CalaConfig(TrainConfig):
+    """Fields both variants share. Defaults: the paper's CIFAR-10-LT (ρ = 100) recipe, which
+    follows LDAM-DRW: SGD 0.9, lr 0.1, 5-epoch warm-up, ×0.01 at 160 and again at 180 of 200."""
+    tau1: float = 1.5                # τ1, weight of u(y) = log p_tr(y); the paper uses 1.0 at ρ ≤ 10
+    tau2: float = 1.0                # τ2, weight of v(x, y)
+    knn_k: int = 40                  # K, neighbourhood size (40 for CIFAR-10-LT, 80 for CIFAR-100-LT)
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False           # plain momentum SGD, as in LDAM-DRW, which the paper follows
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 5
+    warmup_method: str = "linear"
+    # lr_at multiplies by 0.1 per entry reached, so two entries per epoch give ×0.01 at 160 and 180.
+    lr_milestones: tuple[float, ...] = (0.8, 0.8, 0.9, 0.9)
+    ood_score: str = "energy"        # CALA has no OOD score of its own: a post-hoc one on raw logits
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.knn_k < 1:
+            raise ValueError(f"knn_k={self.knn_k}; accepted: an integer >= 1")
+
+
+@dataclass
+class HeuristicConfig(CalaConfig):
+    smooth_alpha: float = 0.05       # α of the class-average smoothing (Eq. A.11)
+    mixup_alpha: float = 0.2         # a of λ ~ Beta(a, a) (paper; the released code uses 1.0); 0 = off
+    v_mode: str = "log"              # "log": Eq. 8 | "l2_ratio": the released code's normalised ratio
+    v_eps: float = 1e-6              # ε in log(p + ε), log mode
+    v_clip: float = 5.0              # |v| <= v_clip, log mode
+    bank_samples_per_class: int = 10  # bank = ceil(this·C / batch_size) + 1 batches (code: 10)
+    exclude_self: bool = False       # leave x out of its own neighbourhood (the code keeps it)
+    v_start_epoch: int = 0           # v = 0 before this epoch, while predictions are still noise
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.v_mode not in V_MODES:
+            raise ValueError(f"v_mode={self.v_mode!r}; accepted: {', '.join(V_MODES)}")
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"smooth_alpha={self.smooth_alpha}; accepted: a number in [0, 1]")
+        if self.mixup_alpha < 0:
+            raise ValueError(f"mixup_alpha={self.mixup_alpha}; accepted: a number >= 0 (0 = no Mixup)")
+        if self.bank_samples_per_class < 1:
+            raise ValueError(f"bank_samples_per_class={self.bank_samples_per_class}; "
+                             f"accepted: an integer >= 1")
+
+
+@dataclass
+class MetaConfig(CalaConfig):
+    meta_per_class: int = 300        # M = 3,000 meta images for CIFAR-10 (paper; code 1,000)
+    meta_batch_size: int = 100       # m (released code)
+    meta_lr: float = 1e-3            # η2, Adam (paper; code 1e-2)
+    meta_weight_decay: float = 0.0   # Adam's L2 on Ω (code 5e-4)
+    meta_interval: int = 1           # steps between meta updates (Alg. A-2: every step; code 20)
+    meta_hidden: int = 200           # width of the adjustment MLP (code)
+    meta_out: str = "per_class"      # "per_class": δ ∈ R^C | "gt_scalar": δ = s·onehot(y)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.meta_out not in META_OUTS:
+            raise ValueError(f"meta_out={self.meta_out!r}; accepted: {', '.join(META_OUTS)}")
+        if self.meta_interval < 1:
+            raise ValueError(f"meta_interval={self.meta_interval}; accepted: an integer >= 1")
+        if self.meta_batch_size < 1:
+            raise ValueError(f"meta_batch_size={self.meta_batch_size}; accepted: an integer >= 1")
+
+
+# -- the loss (both variants) ------------------------------------------------------------------
+def cala_loss(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor, lam: float,
+              log_prior: torch.Tensor, v: torch.Tensor, tau1: float, tau2: float) -> torch.Tensor:
+    """Returns λ·CE(adj, y_a) + (1 − λ)·CE(adj, y_b) with adj = z + τ1·log p_tr + τ2·v (Eq. 5,
+    under Mixup as in Alg. A-1).
+
+    logits [B, C] raw; v [B, C], detached by the caller for the classifier update. With λ = 1
+    and τ2 = 0 this is exactly logit-adjusted CE with τ = τ1.
+    """
+    adjusted = logits + tau2 * v
+    loss = lam * losses.logit_adjusted_cross_entropy(adjusted, y_a, log_prior, tau1)
+    if lam < 1:
+        loss = loss + (1 - lam) * losses.logit_adjusted_cross_entropy(adjusted, y_b, log_prior, tau1)
+    return loss
+
+
+def nearest(query: torch.Tensor, keys: torch.Tensor, k: int, self_start: int | None = None) -> torch.Tensor:
+    """Returns the indices [B, k'] of each query row's k nearest keys by cosine similarity,
+    k' = min(k, available keys). query [B, D] and keys [N, D] are unit-norm rows.
+
+    `self_start` says query row i is key row self_start + i, which is then left out.
+    """
+    sim = query @ keys.T
+    available = keys.shape[0]
+    if self_start is not None:
+        rows = torch.arange(query.shape[0], device=sim.device)
+        sim[rows, self_start + rows] = float("-inf")
+        available -= 1
+    return sim.topk(min(k, available), dim=1).indices
+
+
+# -- Heuristic-CALA ----------------------------------------------------------------------------
+def class_smoothed(p: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Returns α·p̄_{y_i} + (1 − α)·p_i per row [B, C] (Eq. A.11).
+
+    p̄_c is the mean of p's rows over the mini-batch rows labelled c, divided by how many rows
+    carry label c (the released code divides p_pr's sum by the bank's count, a bug).
+    """
+    onehot = F.one_hot(y, p.shape[1]).to(p.dtype)                   # [B, C]
+    class_mean = (onehot.T @ p) / onehot.sum(0).clamp_min(1)[:, None]  # [C, C]
+    return alpha * class_mean[y] + (1 - alpha) * p
+
+
+def density_ratio(p_pr: torch.Tensor, p_mx: torch.Tensor, mode: str = "log", eps: float = 1e-6,
+                  clip: float = 5.0) -> torch.Tensor:
+    """Returns v [B, C] from the smoothed neighbourhood distributions p̃_pr, p̃_mx [B, C].
+
+    "log": clip(log(p̃_pr + ε) − log(p̃_mx + ε), ±clip), Eq. 8. "l2_ratio": the released code's
+    p̃_pr / (p̃_mx + 1e-12), L2-normalised per row (no log; values in [0, 1]).
+    """
+    if mode == "log":
+        return (torch.log(p_pr + eps) - torch.log(p_mx + eps)).clamp(-clip, clip)
+    if mode == "l2_ratio":
+        return F.normalize(p_pr / (p_mx + 1e-12), p=2, dim=1)
+    raise ValueError(f"v_mode={mode!r}; accepted: {', '.join(V_MODES)}")
+
+
+class NeighbourBank:
+    """FIFO bank of the last `window` training batches: unit penultimate features, softmax of the
+    raw logits, and each row's own (Mixup) label distribution. Reset at every epoch start."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self.batches: collections.deque = collections.deque(maxlen=window)
+
+    def reset(self) -> None:
+        self.batches.clear()
+
+    @property
+    def full(self) -> bool:
+        return len(self.batches) == self.window
+
+    def push(self, h: torch.Tensor, q: torch.Tensor, y_soft: torch.Tensor) -> None:
+        """Adds a batch: features h [B, D], predictions q [B, C], label distributions y_soft [B, C]."""
+        self.batches.append((F.normalize(h.detach().float(), dim=1), q.detach().float(),
+                             y_soft.detach().float()))
+
+    def neighbourhood(self, k: int, exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (p_pr, p_mx) [B, C] for the newest batch: the mean prediction and the mean label
+        distribution over each row's K nearest bank rows (itself included unless excluded)."""
+        keys, q, y_soft = (torch.cat(parts) for parts in zip(*self.batches))
+        query = self.batches[-1][0]
+        start = keys.shape[0] - query.shape[0]
+        idx = nearest(query, keys, k, start if exclude_self else None)   # [B, k']
+        return q[idx].mean(1), y_soft[idx].mean(1)
+
+
+class HeuristicMethod(Method):
+    """Heuristic-CALA: in-batch Mixup, v from a neighbour bank each step, CALA loss."""
+
+    config_cls = HeuristicConfig
+    name = "cala"
+
+    def __init__(self, cfg: HeuristicConfig, counts: list[int], device: torch.device):
+        super().__init__(cfg, counts, device)
+        self.log_prior = losses.log_prior(counts, device)              # u(y)
+        # Released-code rule: about bank_samples_per_class per class, plus the current batch.
+        window = math.ceil(cfg.bank_samples_per_class * self.num_classes / cfg.batch_size) + 1
+        self.bank = NeighbourBank(window)
+        self.epoch = 0
+
+    def build_model(self) -> nn.Module:
+        return models.create("resnet32", self.num_classes)
+
+    def train_transform(self, x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        # The CIFAR-LT recipe is crop + flip; Cutout is not applied (zero padding, not reflect).
+        return augment.normalize(augment.crop_flip_cutout(x_uint8, gen, cutout=0))
+
+    def begin_epoch(self, epoch: int, model: nn.Module) -> None:
+        self.epoch = epoch
+        self.bank.reset()
+
+    def adjustment(self, h: torch.Tensor, q: torch.Tensor, y_soft: torch.Tensor,
+                   y_a: torch.Tensor) -> torch.Tensor:
+        """Pushes the batch into the bank and returns v [B, C] (no grad); 0 until the bank is full."""
+        cfg = self.cfg
+        with torch.no_grad():
+            self.bank.push(h, q, y_soft)
+            if not self.bank.full or self.epoch < cfg.v_start_epoch:
+                return q.new_zeros(q.shape)   # a constant v leaves the loss unchanged
+            p_pr, p_mx = self.bank.neighbourhood(cfg.knn_k, cfg.exclude_self)
+            p_pr = class_smoothed(p_pr, y_a, cfg.smooth_alpha)
+            p_mx = class_smoothed(p_mx, y_a, cfg.smooth_alpha)
+            return density_ratio(p_pr, p_mx, cfg.v_mode, cfg.v_eps, cfg.v_clip)
+
+    def loss(self, model: nn.Module, batch: Batch,
+             rng: np.random.RandomState) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg, c = self.cfg, self.num_classes
+        x, y_a = batch.x, batch.y
+        lam = float(rng.beta(cfg.mixup_alpha, cfg.mixup_alpha)) if cfg.mixup_alpha > 0 else 1.0
+        y_b = y_a
+        q_a = F.one_hot(y_a, c).float()
+        y_soft = q_a
+        if lam < 1:
+            perm = torch.as_tensor(rng.permutation(len(y_a)), device=y_a.device)
+            y_b = y_a[perm]
+            x, y_soft = augment.mixup(x, x[perm], q_a, q_a[perm], lam)
+        logits, feats = model(x)
+        z = logits[0]
+        v = self.adjustment(feats[0], z.detach().softmax(1), y_soft, y_a)
+        loss = cala_loss(z, y_a, y_b, lam, self.log_prior, v, cfg.tau1, cfg.tau2)
+        clipped = (v.abs() >= cfg.v_clip).float().mean() if cfg.v_mode == "log" else v.new_zeros(())
+        return loss, {"v_mean": v.mean(), "v_std": v.std(), "v_frac_clipped": clipped}
+
+
+# -- Meta-CALA ---------------------------------------------------------------------------------
+def characteristics(h: torch.Tensor, z: torch.Tensor, y: torch.Tensor, prev: torch.Tensor | None,
+                    k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (ζ [B, 42], the base ζ1..ζ21 [B, 21]) in Table A-1's order, without gradient.
+
+    h [B, D] penultimate features, z [B, C] raw logits, y [B]; neighbours are the k nearest rows
+    of the same mini-batch by cosine similarity, itself included (as the released code). prev
+    [B, 21] holds each row's base characteristics at its previous visit (NaN = never seen, or
+    None): ζ22..ζ42 are the changes since then, 0 on the first visit.
+    """
+    with torch.no_grad():
+        h, z = h.detach().float(), z.detach().float()
+        num_classes = z.shape[1]
+        q = z.softmax(1)
+        onehot = F.one_hot(y, num_classes).float()
+        is_y = onehot.bool()
+        loss = F.cross_entropy(z, y, reduction="none")                              # ζ1 ℓ
+        logit_y = z.gather(1, y[:, None]).squeeze(1)                                 # ζ2 a_y
+        grad_norm = (onehot - q).norm(dim=1)                                         # ζ3 g
+        q_y = q.gather(1, y[:, None]).squeeze(1)                                     # ζ4 q_y
+        entropy = -(q * q.clamp_min(1e-12).log()).sum(1)                             # ζ5
+        margin = q_y - q.masked_fill(is_y, float("-inf")).max(1).values              # ζ6 γ
+        base = torch.stack([loss, logit_y, grad_norm, q_y, entropy, margin], 1)     # [B, 6]
+        unit = F.normalize(h, dim=1)
+        idx = nearest(unit, unit, k)                                                 # [B, k']
+        k_eff = idx.shape[1]
+        hood = base[idx].mean(1)                                                     # ζ7..ζ12
+        label_count = F.one_hot(y[idx], num_classes).float().sum(1)                  # [B, C]
+        same = label_count.gather(1, y[:, None]).squeeze(1) / k_eff                  # ζ19
+        other = label_count.masked_fill(is_y, -1.0).max(1).values / k_eff            # ζ20
+        centre_cos = F.cosine_similarity(h, h[idx].mean(1), dim=1)                   # ζ21
+        cur = torch.cat([base, hood, base - hood, same[:, None], other[:, None],
+                         centre_cos[:, None]], 1)                                    # [B, 21]
+        if prev is None:
+            change = torch.zeros_like(cur)
+        else:
+            change = torch.where(torch.isnan(prev), torch.zeros_like(cur), cur - prev)  # ζ22..ζ42
+        return torch.cat([cur, change], 1), cur
+
+
+class AdjustmentNet(nn.Module):
+    """Ω: BN1d(42) → Linear → ReLU → Linear → ReLU → Linear(out) (spec §3.7.3).
+
+    The last layer starts at zero, so training starts as plain logit adjustment. out = C gives
+    δ ∈ R^C per sample (the paper); the released code's single sigmoid output broadcast to every
+    logit is a per-row constant that softmax ignores, so it is not offered.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.layers = nn.Sequential(nn.BatchNorm1d(in_dim), nn.Linear(in_dim, hidden), nn.ReLU(),
+                                    nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+        nn.init.zeros_(self.layers[-1].weight)
+        nn.init.zeros_(self.layers[-1].bias)
+
+    def forward(self, zeta: torch.Tensor) -> torch.Tensor:
+        return self.layers(zeta)
+
+
+class MetaMethod(Method):
+    """Meta-CALA: v = δ(ζ; Ω) from the adjustment network, Ω meta-learned inside `loss`."""
+
+    config_cls = MetaConfig
+    name = "cala_meta"
+
+    def __init__(self, cfg: MetaConfig, counts: list[int], device: torch.device):
+        super().__init__(cfg, counts, device)
+        self.log_prior = losses.log_prior(counts, device)
+        out_dim = self.num_classes if cfg.meta_out == "per_class" else 1
+        # Ω is drawn from its own seed so the backbone's initialisation matches other methods'.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            self.meta_net = AdjustmentNet(2 * NUM_BASE_CHARACTERISTICS, cfg.meta_hidden, out_dim).to(device)
+        self.meta_opt = torch.optim.Adam(self.meta_net.parameters(), lr=cfg.meta_lr,
+                                         weight_decay=cfg.meta_weight_decay)
+        # Base characteristics at each training row's previous visit (= previous epoch).
+        self.memory: torch.Tensor | None = None
+        self.meta_x = self.meta_y = None
+        self.epoch = self.iteration = 0
+        self.last_meta_loss: torch.Tensor | None = None
+
+    def build_model(self) -> nn.Module:
+        return models.create("resnet32", self.num_classes)
+
+    def train_transform(self, x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return augment.normalize(augment.crop_flip_cutout(x_uint8, gen, cutout=0))
+
+    def begin_training(self, data: TrainData) -> None:
+        if len(data.meta_y) == 0:
+            raise ValueError(f"cala_meta needs a meta set; meta_per_class={self.cfg.meta_per_class}, "
+                             f"accepted: an integer >= 1")
+        self.meta_x, self.meta_y = data.meta_x, data.meta_y
+        self.memory = torch.full((len(data.y), NUM_BASE_CHARACTERISTICS), float("nan"),
+                                 device=self.device)
+
+    def begin_epoch(self, epoch: int, model: nn.Module) -> None:
+        self.epoch, self.iteration = epoch, 0
+
+    def adjustment(self, zeta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Returns δ [B, C] = MLP_Ω(ζ), or s·onehot(y) in "gt_scalar" mode; differentiable in Ω."""
+        # Batch statistics need two rows; a last batch of one falls back to the running ones.
+        self.meta_net.train(zeta.shape[0] > 1)
+        out = self.meta_net(zeta)
+        if self.cfg.meta_out == "gt_scalar":
+            return out * F.one_hot(y, self.num_classes).to(out.dtype)
+        return out
+
+    def meta_batch(self, rng: np.random.RandomState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns m meta images (augmented like training) and their labels, drawn without replacement."""
+        m = min(self.cfg.meta_batch_size, len(self.meta_y))
+        idx = torch.as_tensor(rng.choice(len(self.meta_y), m, replace=False), device=self.meta_y.device)
+        gen = torch.Generator(device=self.meta_x.device).manual_seed(int(rng.randint(2**31 - 1)))
+        return self.train_transform(self.meta_x[idx], gen), self.meta_y[idx]
+
+    def meta_step(self, model: nn.Module, z: torch.Tensor, zeta: torch.Tensor, y: torch.Tensor,
+                  rng: np.random.RandomState) -> torch.Tensor:
+        """One Ω update (Eqs. A.12-A.13); returns the meta loss. z [B, C] = f_W(x) with its graph.
+
+        Virtual step: Ŵ = W − η1·∇_W ℓ_CALA(z, y; δ(ζ; Ω)), plain SGD at the current lr (no
+        momentum or weight decay); then Ω takes an Adam step on CE(f_Ŵ(x_meta), y_meta). The
+        virtual passes use copies of the BN buffers, so only the real forward moves them.
+        """
+        cfg = self.cfg
+        params = dict(model.named_parameters())
+        inner = cala_loss(z, y, y, 1.0, self.log_prior, self.adjustment(zeta, y), cfg.tau1, cfg.tau2)
+        grads = torch.autograd.grad(inner, list(params.values()), create_graph=True, allow_unused=True)
+        lr = cfg.lr_at(self.epoch)
+        fast = {name: p if g is None else p - lr * g for (name, p), g in zip(params.items(), grads)}
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        x_meta, y_meta = self.meta_batch(rng)
+        logits_meta, _ = functional_call(model, {**fast, **buffers}, (x_meta,))
+        meta_loss = F.cross_entropy(logits_meta[0], y_meta)              # Eq. A.13: plain CE, f_Ŵ
+        self.meta_opt.zero_grad(set_to_none=True)
+        meta_loss.backward(inputs=list(self.meta_net.parameters()))
+        self.meta_opt.step()
+        return meta_loss.detach()
+
+    def loss(self, model: nn.Module, batch: Batch,
+             rng: np.random.RandomState) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg, y = self.cfg, batch.y
+        # One forward serves the virtual and the real step: W does not move between them, so
+        # ζ^(t+1) = ζ^(t) and only Ω differs (Alg. A-2 recomputes the same values).
+        logits, feats = model(batch.x)
+        z = logits[0]
+        # Each training row is drawn once per epoch, so its previous visit is the previous epoch.
+        seen = self.memory is not None and batch.index is not None
+        prev = self.memory[batch.index] if seen else None
+        zeta, current = characteristics(feats[0], z, y, prev, cfg.knn_k)
+        self.iteration += 1
+        if self.iteration % cfg.meta_interval == 0:
+            self.last_meta_loss = self.meta_step(model, z, zeta, y, rng)
+        with torch.no_grad():
+            delta = self.adjustment(zeta, y)                             # δ(ζ, Ω^(t+1)), Eq. A.14
+        if seen:
+            self.memory[batch.index] = current
+        loss = cala_loss(z, y, y, 1.0, self.log_prior, delta, cfg.tau1, cfg.tau2)
+        stats = {"delta_mean": delta.mean(), "delta_std": delta.std()}
+        if self.last_meta_loss is not None:   # the latest meta loss, so the epoch mean is not diluted
+            stats["meta_loss"] = self.last_meta_loss
+        return loss, stats
+
+    def state_dict(self) -> dict:
+        return {"meta_net": self.meta_net.state_dict(), "meta_opt": self.meta_opt.state_dict(),
+                "memory": self.memory}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self.meta_net.load_state_dict(state["meta_net"])
+        self.meta_opt.load_state_dict(state["meta_opt"])
+        self.memory = state["memory"].to(self.device) if state["memory"] is not None else None
+
+
+if __name__ == "__main__":
+    from trainables.engine import main
+
+    main(HeuristicMethod)
