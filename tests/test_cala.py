@@ -292,7 +292,8 @@ def test_recipe_schedule_and_config_errors():
     cfg = HeuristicConfig()
     assert cfg.ood_score == "energy" and cfg.epochs == 200 and cfg.weight_decay == 5e-4
     lrs = [cfg.lr_at(e) for e in (0, 4, 5, 159, 160, 179, 180, 199)]
-    assert lrs == pytest.approx([0.1 / 3, 0.1 * (1 / 3 + 8 / 15), 0.1, 0.1, 1e-3, 1e-3, 1e-5, 1e-5])
+    # LDAM-DRW's warm-up lr·(e+1)/5, then ×0.01 at 160 and again at 180 (spec §8.1 #21)
+    assert lrs == pytest.approx([0.02, 0.1, 0.1, 0.1, 1e-3, 1e-3, 1e-5, 1e-5])
     with pytest.raises(ValueError, match="v_mode='log2'"):
         HeuristicConfig(v_mode="log2")
     with pytest.raises(ValueError, match="meta_out"):

@@ -16,6 +16,7 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 AUGMENT_RULE = ("random crop 32 with 4-px zero padding, horizontal flip p=0.5, cutout 1x16 px; "
                 "LGLA's AutoAugment CIFAR10Policy is not applied")
+CROP_FLIP_RULE = "random crop 32 with 4-px zero padding, horizontal flip p=0.5; no cutout"
 
 
 def to_device_images(x_nhwc: np.ndarray, device: torch.device) -> torch.Tensor:

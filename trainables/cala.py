@@ -59,7 +59,7 @@ class CalaConfig(TrainConfig):
     nesterov: bool = False           # plain momentum SGD, as in LDAM-DRW, which the paper follows
     weight_decay: float = 5e-4
     warmup_epochs: int = 5
-    warmup_method: str = "linear"
+    warmup_method: str = "ldam"       # LDAM-DRW's ramp lr·(e+1)/W, which the CIFAR-LT recipe follows
     # lr_at multiplies by 0.1 per entry reached, so two entries per epoch give ×0.01 at 160 and 180.
     lr_milestones: tuple[float, ...] = (0.8, 0.8, 0.9, 0.9)
     ood_score: str = "energy"        # CALA has no OOD score of its own: a post-hoc one on raw logits
@@ -206,6 +206,7 @@ class HeuristicMethod(Method):
 
     config_cls = HeuristicConfig
     name = "cala"
+    augment_rule = augment.CROP_FLIP_RULE
 
     def __init__(self, cfg: HeuristicConfig, counts: list[int], device: torch.device):
         super().__init__(cfg, counts, device)
@@ -323,6 +324,7 @@ class MetaMethod(Method):
 
     config_cls = MetaConfig
     name = "cala_meta"
+    augment_rule = augment.CROP_FLIP_RULE
 
     def __init__(self, cfg: MetaConfig, counts: list[int], device: torch.device):
         super().__init__(cfg, counts, device)

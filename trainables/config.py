@@ -56,7 +56,8 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 2e-4
     warmup_epochs: int = 5
-    warmup_method: str = "constant"     # "constant": ×0.1 (paper, literal); "linear": LGLA's ramp
+    # "constant": ×0.1 (DARL, literal); "linear": LGLA's ramp 1/3 -> 1; "ldam": LDAM-DRW's lr·(e+1)/W
+    warmup_method: str = "constant"
     lr_milestones: tuple[float, ...] = (0.8, 0.9)   # fractions of `epochs`: 320, 360 of 400
     seed: int = 123                     # training seed (LGLA)
     device: str = "auto"
@@ -80,7 +81,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name, value, accepted in (("optimizer", self.optimizer, ("sgd", "adam")),
                                       ("lr_schedule", self.lr_schedule, ("step", "cosine")),
-                                      ("warmup_method", self.warmup_method, ("constant", "linear"))):
+                                      ("warmup_method", self.warmup_method, ("constant", "linear", "ldam"))):
             if value not in accepted:
                 raise ValueError(f"{name}={value!r}; accepted: {', '.join(accepted)}")
 
@@ -95,6 +96,8 @@ class TrainConfig:
         if epoch < self.warmup_epochs:
             if self.warmup_method == "linear":   # LGLA: factor ramps from 1/3 to 1
                 return self.lr * (1 / 3 + (2 / 3) * epoch / self.warmup_epochs)
+            if self.warmup_method == "ldam":     # LDAM-DRW / Open-sampling / CALA: 0.02, ..., 0.1
+                return self.lr * (epoch + 1) / self.warmup_epochs
             return self.lr * 0.1
         if self.lr_schedule == "cosine":
             span = max(self.epochs - self.warmup_epochs, 1)

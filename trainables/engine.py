@@ -185,7 +185,7 @@ class Trial:
                 batch.y_bal = self.train_y[bidx]
             if outlier_order is not None:
                 oidx = outlier_order[step * n_out:(step + 1) * n_out]
-                batch.x_out = transform(self.outlier_x[oidx], gen)
+                batch.x_out, batch.out_index = transform(self.outlier_x[oidx], gen), oidx
             loss, stats = self.method.loss(self.model, batch, rng)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -24,7 +24,8 @@ from trainables.config import TrainConfig
 class Batch:
     """One training step's inputs, already transformed.
 
-    x, y: the long-tailed stream (`index` = the rows' positions in the training set);
+    x, y: the long-tailed stream (`index` = the rows' positions in the training set, `out_index`
+    the outliers' positions in the outlier set);
     x_bal, y_bal: the class-balanced stream, if the method asks for it;
     x_out: a batch of auxiliary outliers (no labels), if the method asks for them.
     """
@@ -34,6 +35,7 @@ class Batch:
     y_bal: torch.Tensor | None = None
     x_out: torch.Tensor | None = None
     index: torch.Tensor | None = None
+    out_index: torch.Tensor | None = None   # the outlier rows' positions in the outlier set
 
 
 @dataclass
