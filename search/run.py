@@ -101,10 +101,11 @@ def check_server(uri: str, timeout_s: float = 10.0) -> None:
 
 def list_methods() -> None:
     for name in registry.names():
-        space = spaces.get(name)
-        print(f"{name}:")
+        space, method_cls = spaces.get(name), registry.get(name)
+        print(f"{name}: {method_cls.summary}")
+        width = max(len(p) for p in space.distributions)
         for param, dist in space.distributions.items():
-            print(f"  {param:<14} {spaces.describe(dist):<28} paper {space.paper_point.get(param)}")
+            print(f"  {param:<{width}}  {spaces.describe(dist):<34} paper {space.paper_point.get(param)}")
 
 
 def dataset_tag(dataset: str, ir: float) -> str:

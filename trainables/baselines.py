@@ -124,6 +124,7 @@ class CrossEntropy(Method):
 
     config_cls = BaselineConfig
     name = "ce"
+    summary = "baseline: cross-entropy, ResNet-32, MSP"
     augment_rule = ("random crop 32 with 4-px zero padding, horizontal flip p=0.5, cutout of `cutout` "
                     "px (param; 0 = none, the recipe)")
 
@@ -152,6 +153,7 @@ class LogitAdjustment(CrossEntropy):
 
     config_cls = LaConfig
     name = "la"
+    summary = "baseline: logit adjustment (Menon et al. 2021), ResNet-32, MSP"
 
     def id_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return imbalance_loss("la", logits, y, self.prior_log, self.cfg.tau)
@@ -163,6 +165,7 @@ class OutlierExposure(CrossEntropy):
 
     config_cls = OeConfig
     name = "oe"
+    summary = "baseline: outlier exposure (Hendrycks et al. 2019), ResNet-32, MSP"
     uses_outliers = True
 
     def id_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -186,6 +189,7 @@ class EnergyOE(CrossEntropy):
 
     config_cls = EnergyOeConfig
     name = "energy_oe"
+    summary = "baseline: energy-bounded outlier exposure (Liu et al. 2020), ResNet-32, energy score"
     uses_outliers = True
 
     def __init__(self, cfg: EnergyOeConfig, counts: list[int], device: torch.device):

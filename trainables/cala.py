@@ -206,6 +206,8 @@ class HeuristicMethod(Method):
 
     config_cls = HeuristicConfig
     name = "cala"
+    summary = ("Heuristic-CALA: class- and attribute-aware logit adjustment from a kNN density "
+               "ratio, ResNet-32, energy score")
     augment_rule = augment.CROP_FLIP_RULE
 
     def __init__(self, cfg: HeuristicConfig, counts: list[int], device: torch.device):
@@ -324,6 +326,8 @@ class MetaMethod(Method):
 
     config_cls = MetaConfig
     name = "cala_meta"
+    summary = ("Meta-CALA: CALA's adjustment from a meta-learned network on a balanced meta set, "
+               "ResNet-32, energy score")
     augment_rule = augment.CROP_FLIP_RULE
 
     def __init__(self, cfg: MetaConfig, counts: list[int], device: torch.device):

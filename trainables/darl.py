@@ -107,6 +107,8 @@ class Method(BaseMethod):
 
     config_cls = DarlConfig
     name = "darl"
+    summary = ("DARL (ACM MM 2025): mixed ID rows as pseudo-OOD + ambiguity-aware logit "
+               "adjustment, LGLA 3-expert ResNet-32, ODIN")
 
     def __init__(self, cfg: DarlConfig, counts: list[int], device: torch.device):
         super().__init__(cfg, counts, device)

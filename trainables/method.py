@@ -57,6 +57,7 @@ class Method:
 
     config_cls = TrainConfig
     name = "base"
+    summary = ""                   # one line for `search/run.py --list`
     uses_balanced_stream = False   # engine draws a class-balanced batch as batch.x_bal / y_bal
     # Engine loads cfg.outlier_set and draws cfg.outlier_batch_size of them as batch.x_out. A class
     # attribute: the data is prepared before the method is built.

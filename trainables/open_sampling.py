@@ -149,6 +149,7 @@ class Method(CrossEntropy):
 
     config_cls = OpenSamplingConfig
     name = "open_sampling"
+    summary = "Open-sampling: outliers labelled from the complementary distribution, ResNet-32, MSP"
     uses_outliers = True
 
     def __init__(self, cfg: OpenSamplingConfig, counts: list[int], device: torch.device):

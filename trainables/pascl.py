@@ -152,6 +152,7 @@ class Method(BaseMethod):
 
     config_cls = PasclConfig
     name = "pascl"
+    summary = "baseline: PASCL stage 1 (Wang et al. 2022), ResNet-32 + projection, MSP"
     uses_outliers = True
 
     def __init__(self, cfg: PasclConfig, counts: list[int], device: torch.device):

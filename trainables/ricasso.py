@@ -209,6 +209,8 @@ class Method(darl.Method):
 
     config_cls = RicassoConfig
     name = "ricasso"
+    summary = ("RICASSO: NOD outlier exposure on mixed data + AALA/AAW + contrastive "
+               "boundary-centre learning + RCL, LGLA 3-expert ResNet-32, ODIN")
 
     def __init__(self, cfg: RicassoConfig, counts: list[int], device: torch.device):
         super().__init__(cfg, counts, device)          # bands, static margins T (Eq. 1), groups

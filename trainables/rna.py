@@ -81,6 +81,8 @@ class Method(BaseMethod):
 
     config_cls = RnaConfig
     name = "rna"
+    summary = ("RNA: logit-adjusted CE + representation-norm amplification, outliers through BN "
+               "only, ResNet-18, RN score")
     uses_outliers = True
     augment_rule = ("random crop 32 with 4-px zero padding, horizontal flip p=0.5, ColorJitter(0.4, 0.4, "
                     "0.4, 0.1) p=0.8, grayscale p=0.2 (batched, torchvision tensor maths); ID and outliers")

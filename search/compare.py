@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""One trial per method at its paper point, on one shared budget: the comparison table.
+
+    python search/compare.py --epochs 6 --set n_max=200 --out compare.csv [--methods ce,la,...]
+
+Every method trains on the same long-tailed split, validation split and test sets, with its own
+recipe (model, optimiser, schedule, batch composition, test-time score) and its paper's
+hyperparameters; only the shared budget (`--epochs`, `--set`) is imposed on all. Trials run
+without Ray, one after another, and the table (markdown) is printed and written as CSV.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import spaces  # noqa: E402
+from trainables import engine, registry  # noqa: E402
+
+OFFLINE_TEST_OOD = ("cifar100", "tin", "textures", "mnist", "fashion_mnist")
+COLUMNS = [("test_acc", "ACC"), ("test_acc_head", "head"), ("test_acc_middle", "middle"),
+           ("test_acc_tail", "tail"), ("test_auroc", "AUROC"), ("test_fpr95", "FPR95"),
+           ("val_score", "val score")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="search/compare.py", description=__doc__.split("\n")[0])
+    p.add_argument("--methods", default=",".join(registry.names()), help="comma-separated methods")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--data-dir", default=os.environ.get("TAILTUNE_DATA_DIR"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a budget field imposed on every method (n_max, batch_size, ...)")
+    p.add_argument("--out", default="compare.csv")
+    args = p.parse_args(argv)
+    shared = {"epochs": args.epochs, "data_dir": args.data_dir, "test_ood": OFFLINE_TEST_OOD}
+    for item in args.set:
+        key, _, text = item.partition("=")
+        shared[key] = engine.parse_value(text)
+    rows = []
+    for name in args.methods.split(","):
+        method_cls = registry.get(name)
+        cfg = method_cls.config_cls.from_dict({**shared, **spaces.get(name).paper_point})
+        started = time.time()
+        with tempfile.TemporaryDirectory() as out:
+            last = engine.fit(method_cls, cfg, engine.LocalReporter(out))
+        row = {"method": name, **{key: last[key] for key, _ in COLUMNS},
+               "minutes": (time.time() - started) / 60}
+        rows.append(row)
+        print(f"{name}: " + ", ".join(f"{label} {row[key]:.3f}" for key, label in COLUMNS), flush=True)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print("\n| method | " + " | ".join(label for _, label in COLUMNS) + " | minutes |")
+    print("|---|" + "---:|" * (len(COLUMNS) + 1))
+    for row in rows:
+        print(f"| {row['method']} | " + " | ".join(f"{100 * row[key]:.1f}" for key, _ in COLUMNS)
+              + f" | {row['minutes']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
