@@ -34,6 +34,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_stack(command: str, root: str, *extra: str) -> subprocess.CompletedProcess:
+    """Runs `server/stack.py COMMAND` with its state and secrets inside `root`."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "server", "stack.py"), command,
+                           "--state-dir", os.path.join(root, "state"),
+                           "--env-file", os.path.join(root, ".env"), *extra],
+                          capture_output=True, text=True, timeout=300)
+
+
 def world_readable_tmp() -> str:
     """Returns a fresh folder the `postgres` user can traverse (pytest's tmp_path is 0700 when the
     tests run as root, and PostgreSQL refuses to run as root)."""

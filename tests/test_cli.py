@@ -73,3 +73,14 @@ def test_list_shows_every_space(capsys):
     assert run.main(["--list"]) == 0
     out = capsys.readouterr().out
     assert "darl:" in out and "tau_energy" in out and "log-uniform [0.1, 100]" in out
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["oe", "--set", "outlier_set=textures"], "outlier set 'textures' is also a test OOD set"),
+    (["rna", "--set", "outlier_set=gaussian", "--val-ood", "gaussian,blobs"],
+     "outlier set 'gaussian' is also a validation OOD set"),
+    (["open_sampling", "--set", "outlier_set=imagenet"], "unknown outlier set 'imagenet'"),
+])
+def test_outlier_set_overlapping_what_is_judged_is_refused(capsys, argv, expected):
+    err = fails(capsys, [*argv, "--no-download"])
+    assert expected in err and len(err.strip().splitlines()) == 1

@@ -90,7 +90,7 @@ def test_ray_nodes_and_driver(compose, pins):
         env = service["environment"]
         assert env["RAY_AUTH_MODE"] == "token" and "${RAY_AUTH_TOKEN" in env["RAY_AUTH_TOKEN"]
         assert env["MLFLOW_TRACKING_URI"] == f"http://mlflow:{stack.MLFLOW_PORT}"
-        assert "ray_results:/shared/ray_results" in service["volumes"]
+        assert "ray_results:/srv/ray_results" in service["volumes"]
     assert "--head --port=6379" in services["ray-head"]["command"]
     assert "ray status" in " ".join(services["ray-head"]["healthcheck"]["test"])
     worker = services["ray-worker"]
@@ -101,7 +101,7 @@ def test_ray_nodes_and_driver(compose, pins):
     driver = services["search"]["entrypoint"]
     assert driver[:2] == ["python", "search/run.py"]
     assert driver[driver.index("--address") + 1] == "ray-head:6379"
-    assert driver[driver.index("--storage") + 1] == "/shared/ray_results"
+    assert driver[driver.index("--storage") + 1] == "/srv/ray_results"
 
 
 def test_every_variable_is_known_and_documented(compose):

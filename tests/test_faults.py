@@ -11,17 +11,10 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, free_port, world_readable_tmp
+from tests.conftest import REPO, free_port, run_stack as stack, world_readable_tmp
 
 RUN = os.path.join(REPO, "search", "run.py")
-STACK = os.path.join(REPO, "server", "stack.py")
 EPOCHS = 2
-
-
-def stack(command: str, root: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, STACK, command, "--state-dir", os.path.join(root, "state"),
-                           "--env-file", os.path.join(root, ".env"), *extra],
-                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture
@@ -39,7 +32,7 @@ def test_search_survives_a_tracking_stack_restart(own_stack, tmp_path, data_dir,
     name = "restart-it"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}   # the env route
     proc = subprocess.Popen(
-        [sys.executable, RUN, "ce", "--trials", "3", "--epochs", str(EPOCHS), "--grace-period", str(EPOCHS),
+        [sys.executable, RUN, "ce", "--trials", "2", "--epochs", str(EPOCHS), "--grace-period", str(EPOCHS),
          "--data-dir", data_dir, "--cache-dir", cache_dir, "--no-download", "--test-ood", "cifar100,mnist",
          "--name", name, "--storage", str(tmp_path / "ray_results")],
         cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -61,7 +54,7 @@ def test_search_survives_a_tracking_stack_restart(own_stack, tmp_path, data_dir,
     parent = client.search_runs([experiment.experiment_id], f"tags.`tailtune.search` = '{name}'")[0]
     assert parent.info.status == "FINISHED"
     kids = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert len(kids) == 3
+    assert len(kids) == 2
     for kid in kids:
         for key in ("val_score", "val_acc", "train_loss"):
             steps = [m.step for m in client.get_metric_history(kid.info.run_id, key)]

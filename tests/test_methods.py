@@ -51,7 +51,9 @@ def test_two_trial_search_registers_a_loadable_model(method, tmp_path, data_dir,
         [sys.executable, RUN, method, "--trials", "2", "--epochs", "1", "--grace-period", "1",
          "--tracking-uri", tracking_uri, "--data-dir", data_dir, "--cache-dir", cache_dir,
          "--no-download", "--test-ood", OFFLINE_TEST_OOD, "--name", name,
-         "--storage", str(tmp_path / "ray_results")],
+         "--storage", str(tmp_path / "ray_results"),
+         # smaller evaluation sets than the smoke preset's: this checks the path, not the numbers
+         "--set", "test_per_class=10", "--set", "ood_max_images=50", "--set", "val_ood_size=50"],
         cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-5000:]

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import os
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 
@@ -15,15 +13,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, free_port, world_readable_tmp
+from tests.conftest import free_port, run_stack as stack, world_readable_tmp
 
-STACK = os.path.join(REPO, "server", "stack.py")
-
-
-def stack(command: str, root: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, STACK, command, "--state-dir", os.path.join(root, "state"),
-                           "--env-file", os.path.join(root, ".env"), *extra],
-                          capture_output=True, text=True, timeout=300)
 
 
 class Doubler(mlflow.pyfunc.PythonModel):
