@@ -61,6 +61,10 @@ class TrainConfig:
     lr_milestones: tuple[float, ...] = (0.8, 0.9)   # fractions of `epochs`: 320, 360 of 400
     seed: int = 123                     # training seed (LGLA)
     device: str = "auto"
+    # Speed (numbers unchanged in kind; logged with every trial). bf16 autocasts the training
+    # forward and loss; channels_last is the memory layout convolutions like best on GPUs.
+    precision: str = "fp32"             # "fp32" | "bf16"
+    channels_last: bool = False
     # Evaluation.
     ood_score: str = "odin"
     odin_temperature: float = 1000.0
@@ -81,7 +85,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name, value, accepted in (("optimizer", self.optimizer, ("sgd", "adam")),
                                       ("lr_schedule", self.lr_schedule, ("step", "cosine")),
-                                      ("warmup_method", self.warmup_method, ("constant", "linear", "ldam"))):
+                                      ("warmup_method", self.warmup_method, ("constant", "linear", "ldam")),
+                                      ("precision", self.precision, ("fp32", "bf16"))):
             if value not in accepted:
                 raise ValueError(f"{name}={value!r}; accepted: {', '.join(accepted)}")
 

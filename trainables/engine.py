@@ -128,6 +128,8 @@ class Trial:
         ident = prepared.id
         self.method = method_cls(cfg, ident.counts, self.device)
         self.model = self.method.build_model().to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = self.method.build_optimizer(self.model)
         to_dev = lambda s: augment.to_device_images(s.x, self.device)  # noqa: E731
         self.train_x, self.val_x, self.test_x = to_dev(ident.train), to_dev(ident.val), to_dev(ident.test)
@@ -151,6 +153,10 @@ class Trial:
         self.epoch = 0
 
     # -- training ---------------------------------------------------------------------------
+    def transform(self, x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        x = self.method.train_transform(x_uint8, gen)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
     def train_epoch(self) -> dict[str, float]:
         """Runs one pass over the long-tailed set; returns mean train loss, stats and the LR."""
         cfg, dev = self.cfg, self.device
@@ -177,7 +183,7 @@ class Trial:
         total, stats_sum, steps = torch.zeros((), device=dev), {}, math.ceil(n / cfg.batch_size)
         for step in range(steps):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            transform = self.method.train_transform
+            transform = self.transform
             batch = Batch(transform(self.train_x[idx], gen), self.train_y[idx], index=idx)
             if balanced is not None:
                 bidx = balanced[step * cfg.batch_size:(step + 1) * cfg.batch_size]
@@ -186,7 +192,8 @@ class Trial:
             if outlier_order is not None:
                 oidx = outlier_order[step * n_out:(step + 1) * n_out]
                 batch.x_out, batch.out_index = transform(self.outlier_x[oidx], gen), oidx
-            loss, stats = self.method.loss(self.model, batch, rng)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                loss, stats = self.method.loss(self.model, batch, rng)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
