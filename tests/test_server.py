@@ -18,6 +18,7 @@ from tests.conftest import free_port, run_stack as stack, world_readable_tmp
 
 
 class Doubler(mlflow.pyfunc.PythonModel):
+    _skip_type_hint_validation = True   # a test model; no signature needed
     def predict(self, context, model_input, params=None):
         return model_input * 2
 
