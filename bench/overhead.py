@@ -40,6 +40,8 @@ def search(args, root: str, name: str, grace: int) -> tuple[float, str]:
            "--reduction-factor", "2", "--seed", str(args.seed), "--data-dir", args.data_dir,
            "--cache-dir", args.cache_dir, "--no-download", "--test-ood", TEST_OOD, "--name", name,
            "--storage", storage, "--tracking-uri", f"sqlite:///{root}/mlflow.db"]
+    for item in args.set:
+        cmd += ["--set", item]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=os.environ.get("TAILTUNE_DATA_DIR"))
     p.add_argument("--cache-dir", default=os.environ.get("TAILTUNE_CACHE_DIR",
                                                          os.path.expanduser("~/.cache/tailtune")))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a smoke-preset field on both sides, e.g. n_max=1000 (longer epochs)")
     p.add_argument("--json", help="write the numbers here as JSON")
     args = p.parse_args(argv)
     if not args.data_dir:
@@ -81,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     fixed = {**PRESETS["smoke"]["config"], "data_dir": args.data_dir, "cache_dir": args.cache_dir,
              "download": False, "epochs": args.epochs, "seed": args.seed,
              "test_ood": tuple(TEST_OOD.split(","))}
+    for item in args.set:
+        key, _, text = item.partition("=")
+        fixed[key] = engine.parse_value(text)
     engine.prepare(method_cls.config_cls.from_dict(fixed), method_cls.uses_outliers)   # warm the cache
 
     with tempfile.TemporaryDirectory() as root:
@@ -102,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "method": args.method, "trials": args.trials, "epochs": args.epochs, "preset": "smoke",
+        "overrides": args.set,
         "service_seconds": service_s, "direct_seconds": direct_s,
         "overhead": service_s / direct_s - 1,
         "service_vs_direct_val_score": [[t["val_score"], d] for t, d in zip(full, direct_scores)],
@@ -112,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         "environment": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "command": " ".join(sys.argv)},
     }
-    print(f"{args.trials} trials x {args.epochs} epochs of {args.method}, smoke preset, one trial at a time")
+    print(f"{args.trials} trials x {args.epochs} epochs of {args.method}, smoke preset "
+          f"{' '.join(args.set)}, one trial at a time")
     print(f"{'':<34}{'wall s':>9}")
     print(f"{'direct (engine.fit, no services)':<34}{direct_s:>9.1f}")
     print(f"{'search/run.py (Ray+Optuna+MLflow)':<34}{service_s:>9.1f}")
