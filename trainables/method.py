@@ -10,6 +10,7 @@ single-head network, K experts for LGLA's mixture. Inputs are what `train_transf
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from functools import partial
 
@@ -51,7 +52,7 @@ class TrainData:
     meta_y: torch.Tensor
 
 
-class Method:
+class Method(abc.ABC):
     """Defaults: SGD from the config, crop/flip/cutout + CIFAR normalisation, mean-of-experts
     logits at test time, and `cfg.ood_score` (msp, energy, max_logit, odin) on those logits."""
 
@@ -71,8 +72,9 @@ class Method:
         self.num_classes = len(counts)
 
     # -- model and optimiser ---------------------------------------------------------------
+    @abc.abstractmethod
     def build_model(self) -> torch.nn.Module:
-        raise NotImplementedError(f"{type(self).__name__} must define build_model()")
+        """Returns the network (see the model contract above)."""
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         """Returns the optimiser named by cfg.optimizer ("sgd" or "adam"), at cfg.lr."""
@@ -98,10 +100,10 @@ class Method:
     def begin_epoch(self, epoch: int, model: torch.nn.Module) -> None:
         """Called before every epoch with its 0-based index."""
 
+    @abc.abstractmethod
     def loss(self, model: torch.nn.Module, batch: Batch,
              rng: np.random.RandomState) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns (scalar loss, per-step stats as 0-d tensors; the engine averages them)."""
-        raise NotImplementedError(f"{type(self).__name__} must define loss()")
 
     # -- test time -------------------------------------------------------------------------
     def logits(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
