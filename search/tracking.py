@@ -107,7 +107,7 @@ class TrialRuns(tune.Callback):
         if not seen:   # a resumed search continues the list it recorded before
             seen += [n for n in self.client.get_run(self.run_id(trial)).data.tags
                      .get("tailtune.nodes", "").split(",") if n]
-        if node in seen and seen[-1] == node:
+        if seen and seen[-1] == node:
             return []
         seen.append(node)
         return [RunTag("tailtune.node_id", node), RunTag("tailtune.node_ip", str(result.get("node_ip"))),

@@ -201,22 +201,14 @@ class NeighbourBank:
         return q[idx].mean(1), y_soft[idx].mean(1)
 
 
-class HeuristicMethod(Method):
-    """Heuristic-CALA: in-batch Mixup, v from a neighbour bank each step, CALA loss."""
+class CalaMethod(Method):
+    """What both variants share: ResNet-32, crop + flip, u(y) = log p_tr(y); raw logits at test."""
 
-    config_cls = HeuristicConfig
-    name = "cala"
-    summary = ("Heuristic-CALA: class- and attribute-aware logit adjustment from a kNN density "
-               "ratio, ResNet-32, energy score")
     augment_rule = augment.CROP_FLIP_RULE
 
-    def __init__(self, cfg: HeuristicConfig, counts: list[int], device: torch.device):
+    def __init__(self, cfg: CalaConfig, counts: list[int], device: torch.device):
         super().__init__(cfg, counts, device)
         self.log_prior = losses.log_prior(counts, device)              # u(y)
-        # Released-code rule: about bank_samples_per_class per class, plus the current batch.
-        window = math.ceil(cfg.bank_samples_per_class * self.num_classes / cfg.batch_size) + 1
-        self.bank = NeighbourBank(window)
-        self.epoch = 0
 
     def build_model(self) -> nn.Module:
         return models.create("resnet32", self.num_classes)
@@ -224,6 +216,22 @@ class HeuristicMethod(Method):
     def train_transform(self, x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         # The CIFAR-LT recipe is crop + flip; Cutout is not applied (zero padding, not reflect).
         return augment.normalize(augment.crop_flip_cutout(x_uint8, gen, cutout=0))
+
+
+class HeuristicMethod(CalaMethod):
+    """Heuristic-CALA: in-batch Mixup, v from a neighbour bank each step, CALA loss."""
+
+    config_cls = HeuristicConfig
+    name = "cala"
+    summary = ("Heuristic-CALA: class- and attribute-aware logit adjustment from a kNN density "
+               "ratio, ResNet-32, energy score")
+
+    def __init__(self, cfg: HeuristicConfig, counts: list[int], device: torch.device):
+        super().__init__(cfg, counts, device)
+        # Released-code rule: about bank_samples_per_class per class, plus the current batch.
+        window = math.ceil(cfg.bank_samples_per_class * self.num_classes / cfg.batch_size) + 1
+        self.bank = NeighbourBank(window)
+        self.epoch = 0
 
     def begin_epoch(self, epoch: int, model: nn.Module) -> None:
         self.epoch = epoch
@@ -321,18 +329,16 @@ class AdjustmentNet(nn.Module):
         return self.layers(zeta)
 
 
-class MetaMethod(Method):
+class MetaMethod(CalaMethod):
     """Meta-CALA: v = δ(ζ; Ω) from the adjustment network, Ω meta-learned inside `loss`."""
 
     config_cls = MetaConfig
     name = "cala_meta"
     summary = ("Meta-CALA: CALA's adjustment from a meta-learned network on a balanced meta set, "
                "ResNet-32, energy score")
-    augment_rule = augment.CROP_FLIP_RULE
 
     def __init__(self, cfg: MetaConfig, counts: list[int], device: torch.device):
         super().__init__(cfg, counts, device)
-        self.log_prior = losses.log_prior(counts, device)
         out_dim = self.num_classes if cfg.meta_out == "per_class" else 1
         # Ω is drawn from its own seed so the backbone's initialisation matches other methods'.
         with torch.random.fork_rng(devices=[]):
@@ -345,12 +351,6 @@ class MetaMethod(Method):
         self.meta_x = self.meta_y = None
         self.epoch = self.iteration = 0
         self.last_meta_loss: torch.Tensor | None = None
-
-    def build_model(self) -> nn.Module:
-        return models.create("resnet32", self.num_classes)
-
-    def train_transform(self, x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return augment.normalize(augment.crop_flip_cutout(x_uint8, gen, cutout=0))
 
     def begin_training(self, data: TrainData) -> None:
         if len(data.meta_y) == 0:
