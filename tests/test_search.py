@@ -51,9 +51,9 @@ class PeakMemory(threading.Thread):
             time.sleep(2)
 
 
-def search(args: list[str], cwd, env_extra=None, **popen) -> subprocess.Popen:
+def search(args: list[str], cwd, env_extra=None, method: str = "darl", **popen) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, RUN, "darl", *args], cwd=cwd, env=env, text=True,
+    return subprocess.Popen([sys.executable, RUN, method, *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 
@@ -80,8 +80,8 @@ def children(client: MlflowClient, parent_id: str, experiment_id: str):
     return client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-def parent_run(client: MlflowClient, name: str):
-    exp = client.get_experiment_by_name(EXPERIMENT)
+def parent_run(client: MlflowClient, name: str, experiment: str = EXPERIMENT):
+    exp = client.get_experiment_by_name(experiment)
     assert exp is not None
     runs = client.search_runs([exp.experiment_id], f"tags.`tailtune.search` = '{name}'")
     assert len(runs) == 1
@@ -160,11 +160,12 @@ def test_parent_artifacts_and_champion(smoke, tracking_uri, data_dir, cache_dir,
 
 @pytest.mark.integration
 def test_interrupted_search_resumes_without_duplicates(tmp_path, data_dir, cache_dir, tracking_uri):
+    # Resuming is the same machinery for every method; LA's ResNet-32 keeps the test short.
     name = "resume-it"
     common = ["--trials", "3", "--epochs", "2", "--grace-period", "2",
               "--data-dir", data_dir, "--cache-dir", cache_dir, "--no-download",
               "--tracking-uri", tracking_uri, "--storage", str(tmp_path / "ray_results")]
-    proc = search([*common, "--name", name], tmp_path)
+    proc = search([*common, "--name", name], tmp_path, method="la")
     lines = []
     for line in proc.stdout:                  # interrupt once the first trial has finished
         lines.append(line)
@@ -176,12 +177,12 @@ def test_interrupted_search_resumes_without_duplicates(tmp_path, data_dir, cache
     assert f"--resume {name}" in rest
 
     client = MlflowClient(tracking_uri)
-    exp, parent = parent_run(client, name)
+    exp, parent = parent_run(client, name, "tailtune/la/cifar10-lt-ir100")
     before = {k.data.tags["tailtune.trial_id"]: k for k in children(client, parent.info.run_id, exp.experiment_id)}
     finished = {t: k for t, k in before.items() if k.data.tags.get("tailtune.state") == "completed"}
     assert finished
 
-    resumed = search([*common, "--resume", name], tmp_path)
+    resumed = search([*common, "--resume", name], tmp_path, method="la")
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-4000:]
     after = children(client, parent.info.run_id, exp.experiment_id)
@@ -198,16 +199,17 @@ def test_interrupted_search_resumes_without_duplicates(tmp_path, data_dir, cache
 @pytest.mark.integration
 def test_nsga2_reports_pareto_front(tmp_path, data_dir, cache_dir, tracking_uri):
     name = "nsga2-it"
-    # Two trials at once on one core each: the concurrent path of the scheduler.
+    # Two trials at once on one core each: the concurrent path of the scheduler (LA: a short test).
     proc = search(["--sampler", "nsga2", "--trials", "2", "--epochs", "1", "--grace-period", "1",
                    "--max-concurrent", "2", "--cpus-per-trial", "1",
                    "--data-dir", data_dir, "--cache-dir", cache_dir, "--no-download", "--name", name,
-                   "--tracking-uri", tracking_uri, "--storage", str(tmp_path / "ray_results")], tmp_path)
+                   "--tracking-uri", tracking_uri, "--storage", str(tmp_path / "ray_results")], tmp_path,
+                  method="la")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
     assert "Pareto front (val_auroc, val_acc):" in out
     client = MlflowClient(tracking_uri)
-    _, parent = parent_run(client, name)
+    _, parent = parent_run(client, name, "tailtune/la/cifar10-lt-ir100")
     optuna_files = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
     assert {"optuna/pareto_front.png", "optuna/pareto.csv"} <= optuna_files
     pareto = client.download_artifacts(parent.info.run_id, "optuna/pareto.csv", str(tmp_path))
