@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ray  # noqa: E402
 
 from trainables import darl, engine  # noqa: E402
+from trainables.config import DEFAULT_CACHE_DIR  # noqa: E402
 
 
 def run_trial(values: dict, epochs: int) -> dict:
@@ -51,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-max", type=int, default=None, help="head-class size (default: full build)")
     p.add_argument("--batch-size", type=int, default=128, help="per stream (paper: 128)")
     p.add_argument("--data-dir", default=os.environ.get("TAILTUNE_DATA_DIR"))
-    p.add_argument("--cache-dir", default=os.environ.get("TAILTUNE_CACHE_DIR",
-                                                         os.path.expanduser("~/.cache/tailtune")))
+    p.add_argument("--cache-dir", default=os.environ.get("TAILTUNE_CACHE_DIR", DEFAULT_CACHE_DIR))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="more config for every trial, e.g. precision=bf16")
     p.add_argument("--json", help="write the numbers here as JSON")

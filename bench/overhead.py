@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from search.run import PRESETS  # noqa: E402
 from trainables import engine, registry  # noqa: E402
+from trainables.config import DEFAULT_CACHE_DIR  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_OOD = "cifar100,tin,textures,mnist,fashion_mnist"
@@ -73,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=os.environ.get("TAILTUNE_DATA_DIR"))
-    p.add_argument("--cache-dir", default=os.environ.get("TAILTUNE_CACHE_DIR",
-                                                         os.path.expanduser("~/.cache/tailtune")))
+    p.add_argument("--cache-dir", default=os.environ.get("TAILTUNE_CACHE_DIR", DEFAULT_CACHE_DIR))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a smoke-preset field on both sides, e.g. n_max=1000 (longer epochs)")
     p.add_argument("--json", help="write the numbers here as JSON")
