@@ -6,13 +6,15 @@
 
 For each N, N Ray tasks are started with a 1/N share of the device (num_gpus=1/N on cuda, the CPUs
 split on cpu), exactly the fractional resources `search/run.py --gpus-per-trial` asks for. Each
-task builds one DARL trial (its own model and data on the device), runs one untimed warm-up epoch,
-then `--epochs` timed epochs. Aggregate images/s = all tasks' long-tailed images / (last task's
-end - first task's timed start). The table gives it per N and the speed-up over N = 1.
+task builds one DARL trial (its own model and data on the device) and runs one untimed warm-up
+epoch; then all N wait at a barrier and run `--epochs` timed epochs together. Aggregate images/s =
+all tasks' long-tailed images / (last task's end - the barrier's release). The table gives it per
+N and the speed-up over N = 1.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -27,7 +29,21 @@ from trainables import darl, engine  # noqa: E402
 from trainables.config import DEFAULT_CACHE_DIR  # noqa: E402
 
 
-def run_trial(values: dict, epochs: int) -> dict:
+@ray.remote(num_cpus=0)
+class Barrier:
+    """Releases every waiter once `parties` have arrived."""
+
+    def __init__(self, parties: int):
+        self.parties, self.arrived, self.released = parties, 0, asyncio.Event()
+
+    async def wait(self) -> None:
+        self.arrived += 1
+        if self.arrived >= self.parties:
+            self.released.set()
+        await self.released.wait()
+
+
+def run_trial(values: dict, epochs: int, barrier) -> dict:
     """Returns the timed window and the long-tailed images of one trial's epochs."""
     import torch
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -36,6 +52,7 @@ def run_trial(values: dict, epochs: int) -> dict:
     trial.train_epoch()                                  # warm-up: allocations, kernels, caches
     if cfg.device == "cuda":
         torch.cuda.synchronize()
+    ray.get(barrier.wait.remote())
     started = time.time()
     for _ in range(epochs):
         trial.train_epoch()
@@ -74,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                  else {"num_cpus": cpus / n})
         threads = str(max(1, int(cpus // n)))
         task = ray.remote(**share)(run_trial).options(runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}})
-        windows = ray.get([task.remote(values, args.epochs) for _ in range(n)])
+        barrier = Barrier.remote(n)
+        windows = ray.get([task.remote(values, args.epochs, barrier) for _ in range(n)])
         seconds = max(w["end"] for w in windows) - min(w["start"] for w in windows)
         rows.append({"concurrent": n, "images": sum(w["images"] for w in windows), "seconds": seconds,
                      "images_per_s": sum(w["images"] for w in windows) / seconds})

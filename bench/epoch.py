@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from PIL import Image  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
@@ -56,8 +57,8 @@ FULL_TRAIN = {"cifar10": (10, 5000), "cifar100": (100, 500)}   # classes, traini
 # Read only by evaluation, never by train_epoch; trimmed so prepare() is quick.
 LIGHT_EVAL = {"test_ood": ["mnist"], "ood_max_images": 100, "val_ood_size": 100}
 # Per device: n_max (None = the trainable's full build), DataLoader workers per loader, repeats.
-DEFAULTS = {"cpu": {"n_max": 100, "workers": 2, "repeats": 3},
-            "cuda": {"n_max": None, "workers": 8, "repeats": 3}}
+DEFAULTS = {"cpu": {"n_max": 100, "workers": 2, "repeats": 3, "trial_epochs": 0},
+            "cuda": {"n_max": None, "workers": 8, "repeats": 3, "trial_epochs": 400}}
 MIB = 2 ** 20
 
 
@@ -113,7 +114,9 @@ def reference_side(cfg: darl.DarlConfig, prepared: engine.Prepared, initial: dic
                    repeats: int) -> tuple[list[float], dict[str, float | None]]:
     """Returns `measure`'s (epoch seconds, warm-up first; peak memory) for the papers' loop."""
     dev = engine.resolve_device(cfg.device)
-    method = darl.Method(cfg, prepared.id.counts, dev)
+    # The papers' optimiser: torch's default (for-each) SGD, not the fused kernel.
+    method = darl.Method(darl.DarlConfig(**{**cfg.to_dict(), "fused_optimizer": False}),
+                         prepared.id.counts, dev)
     model = method.build_model().to(dev)
     model.load_state_dict(initial)
     optimizer = method.build_optimizer(model)
@@ -139,12 +142,51 @@ def reference_side(cfg: darl.DarlConfig, prepared: engine.Prepared, initial: dic
     return measure(epoch, repeats, dev)
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched: on a GPU each is at least one kernel launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def ours_side(cfg: darl.DarlConfig, prepared: engine.Prepared, initial: dict,
-              repeats: int) -> tuple[list[float], dict[str, float | None]]:
-    """Returns `measure`'s (epoch seconds, warm-up first; peak memory) for our trainable."""
+              repeats: int) -> tuple[list[float], dict[str, float | None], float | None]:
+    """Returns `measure`'s (epoch seconds, warm-up first; peak memory) for our trainable, and the
+    ATen operators per training step, counted over one more, untimed, epoch."""
     trial = engine.Trial(darl.Method, cfg, prepared)
     trial.model.load_state_dict(initial)
-    return measure(lambda index: trial.train_epoch(), repeats, trial.device)
+    seconds, memory = measure(lambda index: trial.train_epoch(), repeats, trial.device)
+    if cfg.compile != "none":   # compiled kernels bypass the dispatcher: no count
+        return seconds, memory, None
+    with OpCounter() as ops:
+        trial.train_epoch()
+    return seconds, memory, ops.count / math.ceil(len(trial.train_y) / cfg.batch_size)
+
+
+def evaluation_seconds(cfg: darl.DarlConfig, repeats: int, kept: set[str]) -> dict[str, float]:
+    """Returns the median seconds of one validation and of the final test, at the evaluation
+    sizes a search uses (the config's defaults: 1,000 images per synthetic validation set, the
+    full test OOD sets; `kept` names the fields the user set), with our trainable."""
+    full = darl.DarlConfig.from_dict({k: v for k, v in cfg.to_dict().items()
+                                      if k not in LIGHT_EVAL or k in kept})
+    trial = engine.Trial(darl.Method, full, engine.prepare(full))
+    sync = torch.cuda.synchronize if trial.device.type == "cuda" else (lambda: None)
+    times = {"validate": [], "test": []}
+    for _ in range(1 + repeats):                 # the first of each is a warm-up
+        for name, run in (("validate", trial.validate), ("test", trial.test)):
+            started = time.perf_counter()
+            run()
+            sync()
+            times[name].append(time.perf_counter() - started)
+    return {"validate_seconds": statistics.median(times["validate"][1:]),
+            "test_seconds": statistics.median(times["test"][1:]),
+            "validation_images": len(trial.val_x) + sum(len(x) for x in trial.val_ood_x),
+            "test_images": len(trial.test_x) + sum(len(x) for x in trial.test_ood_x)}
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -274,6 +316,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="a DarlConfig field for both sides (e.g. imbalance_ratio=10)")
     p.add_argument("--ours-extra", action="append", default=[], metavar="KEY=VALUE",
                    help="a DarlConfig field for our side only: execution options to compare")
+    p.add_argument("--trial-epochs", type=int, help="project a whole trial of this many epochs from "
+                   "ours' epoch time plus timed evaluations at a search's sizes; 0 = skip [400 on cuda, 0 on cpu]")
+    p.add_argument("--eval-every", type=int, default=5, help="validations in the projected trial: "
+                   "every N epochs and at the last [5]")
     p.add_argument("--data-dir", default=os.environ.get("TAILTUNE_DATA_DIR"),
                    help="offline archives [env TAILTUNE_DATA_DIR]")
     p.add_argument("--cache-dir", default=os.environ.get("TAILTUNE_CACHE_DIR") or DEFAULT_CACHE_DIR,
@@ -283,6 +329,9 @@ def main(argv: list[str] | None = None) -> None:
     n_max = args.n_max if args.n_max is not None else defaults["n_max"]
     repeats = args.repeats if args.repeats is not None else defaults["repeats"]
     workers = args.workers if args.workers is not None else defaults["workers"]
+    trial_epochs = args.trial_epochs if args.trial_epochs is not None else defaults["trial_epochs"]
+    if args.eval_every < 1:
+        p.error(f"--eval-every {args.eval_every}: expected an integer >= 1")
     if repeats < 1:
         p.error(f"--repeats {repeats}: need at least 1 timed epoch")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -316,25 +365,46 @@ def main(argv: list[str] | None = None) -> None:
     print(f"DARL on {cfg.dataset}-LT IR{cfg.imbalance_ratio:g}: {images:,} LT images per epoch, "
           f"batch {cfg.batch_size} per stream, {steps} steps; device {args.device}, "
           f"{torch.get_num_threads()} threads; 1 warm-up + {repeats} timed epochs per side", flush=True)
+    speed = cfg_ours.speed(args.device)
+    print(f"ours: {', '.join(f'{k} {v}' for k, v in speed.items())}; reference: fp32 eager, "
+          f"contiguous, for-each SGD", flush=True)
 
     sides = {}
     for name in ("reference", "ours"):
         if name == "reference":
             seconds, memory = reference_side(cfg, prepared, initial, workers, repeats)
         else:
-            seconds, memory = ours_side(cfg_ours, prepared, initial, repeats)
+            seconds, memory, ops_per_step = ours_side(cfg_ours, prepared, initial, repeats)
         gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()
         sides[name] = summary(seconds, memory, images, full_images)
         print(f"  {name}: epochs {', '.join(f'{s:.2f}' for s in seconds)} s (first = warm-up)", flush=True)
     ratio = sides["ours"]["images_per_second"] / sides["reference"]["images_per_second"]
+    projection = None
+    if trial_epochs > 0:
+        evals = evaluation_seconds(cfg_ours, repeats, set(parse_pairs(p, args.set, "--set")) | set(extra))
+        validations = math.ceil(trial_epochs / args.eval_every)
+        per_epoch = sides["ours"]["epoch_seconds_measured"]
+        projection = {"epochs": trial_epochs, "eval_every": args.eval_every, **evals,
+                      "trial_seconds": trial_epochs * per_epoch + validations * evals["validate_seconds"]
+                      + evals["test_seconds"]}
 
     print()
     print(table(sides, images, full_images))
     print("images/s counts long-tailed-stream images (4 network rows each: LT, balanced, Mixup, CutMix);")
     print("peak host = RSS of the process + USS (private memory) of its DataLoader workers")
     print(f"ratio ours/reference: {ratio:.2f}x")
+    if ops_per_step:
+        per_step = sides["ours"]["epoch_seconds_measured"] / steps
+        print(f"ours: {ops_per_step:,.0f} ATen operators per step (eager; each one kernel launch or more on a "
+              f"GPU), {1e6 * per_step / ops_per_step:,.1f} us of wall time per operator")
+    if projection:
+        print(f"projected {trial_epochs}-epoch trial (ours): {trial_epochs} x "
+              f"{sides['ours']['epoch_seconds_measured']:.2f} s + {math.ceil(trial_epochs / args.eval_every)} "
+              f"validations x {projection['validate_seconds']:.2f} s ({projection['validation_images']:,} images) "
+              f"+ test {projection['test_seconds']:.2f} s ({projection['test_images']:,} images) = "
+              f"{projection['trial_seconds'] / 60:.1f} min")
     result = {
         "method": "darl",
         "images_counted": "long-tailed-stream images; each step also trains as many class-balanced "
@@ -348,6 +418,8 @@ def main(argv: list[str] | None = None) -> None:
         "reference_workers_per_loader": workers,
         "sides": sides,
         "ratio_ours_over_reference": ratio,
+        "ours_speed_settings": speed, "trial_projection": projection,
+        "ours_aten_ops_per_step": ops_per_step,
         "config": cfg.to_dict(), "ours_extra": extra, "data": prepared.id.record,
         "environment": {"torch": torch.__version__, "torchvision": torchvision.__version__,
                         "python": platform.python_version(), "device": args.device,

@@ -40,7 +40,9 @@ def make_trainable(method: str, fixed: dict):
 
     def train(config: dict) -> None:
         cfg = method_cls.config_cls.from_dict({**fixed, **config})
-        engine.fit(method_cls, cfg, engine.TuneReporter())
+        # Tune reuses the actor for the next trial (reuse_actors), so the data loads once per actor.
+        engine.fit(method_cls, cfg, engine.TuneReporter(),
+                   engine.prepare_shared(cfg, method_cls.uses_outliers))
     train.__name__ = f"train_{method}"
     return train
 
@@ -135,10 +137,11 @@ def start(plan: dict, record: dict[str, str], args: argparse.Namespace) -> int:
             tune.with_resources(make_trainable(method, plan["config"]), per_trial),
             tune_config=tune.TuneConfig(
                 search_alg=searcher(plan["space"], plan["sampler"], plan["seed"]),
-                scheduler=ASHAScheduler(metric=METRIC, mode="max", time_attr="training_iteration",
+                scheduler=ASHAScheduler(metric=METRIC, mode="max", time_attr="epoch",
                                         max_t=budget["epochs"], grace_period=budget["grace_period"],
                                         reduction_factor=budget["reduction_factor"]),
-                num_samples=budget["trials"], max_concurrent_trials=budget["max_concurrent"]),
+                num_samples=budget["trials"], max_concurrent_trials=budget["max_concurrent"],
+                reuse_actors=True),
             run_config=tune.RunConfig(
                 name=name, storage_path=args.storage, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=2),
@@ -184,7 +187,7 @@ def trial_rows(results, epochs: int, searched: list[str]) -> list[tuple[dict, ob
     rows = []
     for r in results:
         m = r.metrics or {}
-        done = int(m.get("training_iteration", 0))
+        done = int(m.get("epoch", 0))
         state = "failed" if r.error else ("completed" if done >= epochs else "pruned")
         row = {"trial_id": m.get("trial_id", os.path.basename(r.path)), "state": state, "epochs_done": done}
         row.update({k: r.config.get(k) for k in searched})
@@ -265,7 +268,7 @@ def optuna_plots(rows, space: dict, sampler: str, out_dir: str) -> list[str]:
             study.add_trial(optuna.trial.create_trial(params=params, distributions=space, values=values))
         elif not multi:
             history = r.metrics_dataframe
-            steps = ({int(i): float(v) for i, v in zip(history["training_iteration"], history[METRIC])}
+            steps = ({int(i): float(v) for i, v in zip(history["epoch"], history[METRIC])}
                      if history is not None and METRIC in history else {})
             study.add_trial(optuna.trial.create_trial(params=params, distributions=space,
                                                       intermediate_values=steps,

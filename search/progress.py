@@ -30,12 +30,12 @@ class Progress(tune.Callback):
         value = result.get(self.metric)
         if value is not None and (self.best is None or value > self.best[0]):
             self.best = (float(value), trial.trial_id)
-        self._line(f"{trial.trial_id} epoch {result.get('training_iteration')}/{self.epochs} "
+        self._line(f"{trial.trial_id} epoch {result.get('epoch')}/{self.epochs} "
                    f"{self.metric} {value:.4f}" if value is not None else trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
-        epochs = (trial.last_result or {}).get("training_iteration", 0)
+        epochs = (trial.last_result or {}).get("epoch", 0)
         if epochs >= self.epochs:
             self.done += 1
             self._line(f"{trial.trial_id} complete")

@@ -31,12 +31,14 @@ PRESETS = {
               "config": {"n_max": 100, "val_per_class": 10, "test_per_class": 30, "ood_max_images": 100,
                          "val_ood_size": 100, "batch_size": 16, "warmup_epochs": 1,
                          "eval_batch_size": 100, "outlier_max_images": 1000}},
-    # A first real look on one GPU: full data, a short proxy schedule.
+    # A first real look on one GPU: full data, a short proxy schedule, four trials sharing the GPU,
+    # validation every 3 epochs (ASHA's rungs, 12 and 24, fall on validated epochs).
     "small": {"trials": 8, "epochs": 30, "grace_period": 12, "reduction_factor": 2, "max_concurrent": 4,
-              "cpus_per_trial": 1.0, "config": {"ood_max_images": 2000}},
-    # The spec's search budget (DARL §4.2): 200-epoch proxy, grace 40% of it, full test sets.
+              "cpus_per_trial": 1.0, "config": {"ood_max_images": 2000, "eval_every": 3}},
+    # The spec's search budget (DARL §4.2): 200-epoch proxy, grace 40% of it, full test sets,
+    # validation every 5 epochs (rungs 80 and 160 are validated epochs).
     "paper": {"trials": 32, "epochs": 200, "grace_period": 80, "reduction_factor": 2, "max_concurrent": 4,
-              "cpus_per_trial": 1.0, "config": {}},
+              "cpus_per_trial": 1.0, "config": {"eval_every": 5}},
 }
 SAMPLERS = ("tpe", "cmaes", "random", "nsga2")
 METRIC = "val_score"

@@ -89,7 +89,7 @@ class TrialRuns(tune.Callback):
         self.run_id(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        step = int(result.get("training_iteration", 0))
+        step = int(result.get("epoch", 0))
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in result.items()
                  if k not in RAY_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -99,7 +99,8 @@ class TrialRuns(tune.Callback):
     def node_tags(self, trial, result: dict) -> list[RunTag]:
         """Returns the trial's node tags when it runs on a node it has not reported from yet:
         `tailtune.node_id` (the latest) and `tailtune.nodes` (every node, in order; a trial
-        retried elsewhere after losing its node lists both)."""
+        retried elsewhere after losing its node lists both), with the device and speed settings
+        the trial resolved there (`tailtune.device`, `tailtune.precision`, ...)."""
         node = result.get("node_id")
         if node is None:
             return []
@@ -110,11 +111,14 @@ class TrialRuns(tune.Callback):
         if seen and seen[-1] == node:
             return []
         seen.append(node)
+        # The device and speed settings ("auto" resolved there) belong to the node that ran it.
+        resolved = [RunTag(f"tailtune.{k.removeprefix('resolved.')}", str(v)) for k, v in result.items()
+                    if k.startswith("resolved.")]
         return [RunTag("tailtune.node_id", node), RunTag("tailtune.node_ip", str(result.get("node_ip"))),
-                RunTag("tailtune.nodes", ",".join(seen))]
+                RunTag("tailtune.nodes", ",".join(seen)), *resolved]
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        done = (trial.last_result or {}).get("training_iteration", 0)
+        done = (trial.last_result or {}).get("epoch", 0)
         state = "completed" if done >= self.epochs else "pruned"
         run_id = self.run_id(trial)
         self.client.log_batch(run_id, tags=[RunTag(STATE_TAG, state), RunTag("epochs_done", str(done))])

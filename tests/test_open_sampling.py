@@ -77,11 +77,12 @@ def test_ablation_distributions():
 
 def test_open_labels_follow_gamma():
     gamma = complementary_distribution(CIFAR10_IR100)
-    labels = sample_open_labels(gamma, 1_000_000, np.random.RandomState(0))
-    assert labels.dtype == np.int64
-    assert np.bincount(labels, minlength=10) / len(labels) == pytest.approx(gamma, abs=0.002)
-    rng = np.random.RandomState(1)   # dynamic labels: every batch gets fresh ones
-    assert not np.array_equal(sample_open_labels(gamma, 64, rng), sample_open_labels(gamma, 64, rng))
+    labels = sample_open_labels(torch.as_tensor(gamma), 1_000_000, torch.Generator().manual_seed(0))
+    assert labels.dtype == torch.int64
+    assert np.bincount(labels.numpy(), minlength=10) / len(labels) == pytest.approx(gamma, abs=0.002)
+    gen = torch.Generator().manual_seed(1)   # dynamic labels: every batch gets fresh ones
+    assert not torch.equal(sample_open_labels(torch.as_tensor(gamma), 64, gen),
+                           sample_open_labels(torch.as_tensor(gamma), 64, gen))
 
 
 def test_regulariser_hand_values():
@@ -174,7 +175,7 @@ def test_gradients_reach_the_backbone_from_both_terms():
     model = method.build_model()
     batch = small_batch(method, b=2, m=2)
     z_in, z_out = joint_logits(model, batch.x, batch.x_out)
-    labels = torch.from_numpy(sample_open_labels(method.gamma, 2, np.random.RandomState(0)))
+    labels = sample_open_labels(method.gamma_device, 2, torch.Generator().manual_seed(0))
     for term in (method.id_loss(z_in, batch.y), open_sampling_regulariser(z_out, labels, method.omega)):
         model.zero_grad()
         term.backward(retain_graph=True)

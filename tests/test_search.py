@@ -112,6 +112,11 @@ def test_mlflow_runs_params_metrics(smoke, tracking_uri):
             assert key in params, key
         assert params["val_ood_sets"] == "gaussian,rademacher,blobs"
         assert "svhn" not in params["test_ood_sets"]      # not offline: skipped and not claimed
+        # "auto" speed settings are logged as asked and tagged as resolved on the trial's device.
+        assert params["precision"] == "auto" and params["eval_every"] == "1"
+        tags = kid.data.tags
+        assert (tags["tailtune.device"], tags["tailtune.precision"], tags["tailtune.channels_last"],
+                tags["tailtune.fused_optimizer"], tags["tailtune.compile"]) == ("cpu", "fp32", "False", "False", "none")
         history = client.get_metric_history(kid.info.run_id, "val_score")
         epochs = int(kid.data.tags["epochs_done"])
         assert [m.step for m in history] == list(range(1, epochs + 1))

@@ -6,6 +6,7 @@ as mixing raw pixels, since normalisation is affine per channel).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -24,10 +25,16 @@ def to_device_images(x_nhwc: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x_nhwc)).to(device).permute(0, 3, 1, 2).contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CIFAR statistics as [1, 3, 1, 1] tensors, copied to each device once, not every step."""
+    return (torch.tensor(CIFAR_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1),
+            torch.tensor(CIFAR_STD, device=device, dtype=dtype).view(1, 3, 1, 1))
+
+
 def normalize(x_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Returns (x / 255 - mean) / std as `dtype` [B, 3, H, W]."""
-    mean = torch.tensor(CIFAR_MEAN, device=x_uint8.device, dtype=dtype).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=x_uint8.device, dtype=dtype).view(1, 3, 1, 1)
+    mean, std = _mean_std(x_uint8.device, dtype)
     return (x_uint8.to(dtype) / 255.0 - mean) / std
 
 

@@ -259,7 +259,7 @@ class HeuristicMethod(CalaMethod):
         q_a = F.one_hot(y_a, c).float()
         y_soft = q_a
         if lam < 1:
-            perm = torch.as_tensor(rng.permutation(len(y_a)), device=y_a.device)
+            perm = torch.randperm(len(y_a), device=y_a.device, generator=self.step_generator(rng))
             y_b = y_a[perm]
             x, y_soft = augment.mixup(x, x[perm], q_a, q_a[perm], lam)
         logits, feats = model(x)
@@ -334,6 +334,7 @@ class MetaMethod(CalaMethod):
 
     config_cls = MetaConfig
     name = "cala_meta"
+    compilable = False   # the meta step differentiates through `functional_call` on the model
     summary = ("Meta-CALA: CALA's adjustment from a meta-learned network on a balanced meta set, "
                "ResNet-32, energy score")
 
@@ -375,8 +376,8 @@ class MetaMethod(CalaMethod):
     def meta_batch(self, rng: np.random.RandomState) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns m meta images (augmented like training) and their labels, drawn without replacement."""
         m = min(self.cfg.meta_batch_size, len(self.meta_y))
-        idx = torch.as_tensor(rng.choice(len(self.meta_y), m, replace=False), device=self.meta_y.device)
-        gen = torch.Generator(device=self.meta_x.device).manual_seed(int(rng.randint(2**31 - 1)))
+        gen = self.step_generator(rng)
+        idx = torch.randperm(len(self.meta_y), device=self.meta_y.device, generator=gen)[:m]
         return self.train_transform(self.meta_x[idx], gen), self.meta_y[idx]
 
     def meta_step(self, model: nn.Module, z: torch.Tensor, zeta: torch.Tensor, y: torch.Tensor,

@@ -14,6 +14,7 @@ from typing import Any
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "tailtune")
 # Offline test-OOD sets (see trainables.data); online-only ones are tried and skipped if absent.
 DEFAULT_TEST_OOD = ("cifar100", "tin", "textures", "svhn", "mnist", "fashion_mnist")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Validation OOD is synthetic only: the search never sees a test OOD set (DARL spec §4.2).
 DEFAULT_VAL_OOD = ("gaussian", "rademacher", "blobs")
 
@@ -61,16 +62,21 @@ class TrainConfig:
     lr_milestones: tuple[float, ...] = (0.8, 0.9)   # fractions of `epochs`: 320, 360 of 400
     seed: int = 123                     # training seed (LGLA)
     device: str = "auto"
-    # Speed (numbers unchanged in kind; logged with every trial). bf16 autocasts the training
-    # forward and loss; channels_last is the memory layout convolutions like best on GPUs.
-    precision: str = "fp32"             # "fp32" | "bf16"
-    channels_last: bool = False
+    # Speed (logged with every trial). "auto" turns each on for CUDA and off elsewhere. bf16
+    # autocasts the training forward and loss; channels_last is the layout convolutions like best
+    # on GPUs; fused runs the optimiser step as one kernel; compile wraps the training forward in
+    # torch.compile ("reduce-overhead" adds CUDA graphs), off unless asked for.
+    precision: str = "auto"             # "auto" | "fp32" | "bf16"
+    channels_last: bool | str = "auto"  # "auto" | true | false
+    fused_optimizer: bool | str = "auto"
+    compile: str = "none"               # "none" | "default" | "reduce-overhead" | "max-autotune"
     # Evaluation.
     ood_score: str = "odin"
     odin_temperature: float = 1000.0
     odin_eps: float = 0.0014
     eval_batch_size: int = 500
-    checkpoint_every: int = 1
+    eval_every: int = 1                 # validate (and report) every N epochs, and at the last
+    checkpoint_every: int = 1           # in reported epochs
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):
@@ -86,9 +92,24 @@ class TrainConfig:
         for name, value, accepted in (("optimizer", self.optimizer, ("sgd", "adam")),
                                       ("lr_schedule", self.lr_schedule, ("step", "cosine")),
                                       ("warmup_method", self.warmup_method, ("constant", "linear", "ldam")),
-                                      ("precision", self.precision, ("fp32", "bf16"))):
-            if value not in accepted:
-                raise ValueError(f"{name}={value!r}; accepted: {', '.join(accepted)}")
+                                      ("precision", self.precision, ("auto", "fp32", "bf16")),
+                                      ("channels_last", self.channels_last, ("auto", True, False)),
+                                      ("fused_optimizer", self.fused_optimizer, ("auto", True, False)),
+                                      ("compile", self.compile, COMPILE_MODES)):
+            if (type(value), value) not in {(type(a), a) for a in accepted}:   # 1 is not True here
+                raise ValueError(f"{name}={value!r}; accepted: {', '.join(map(str, accepted))}")
+        for name in ("eval_every", "checkpoint_every", "batch_size", "eval_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected an integer >= 1")
+
+    def speed(self, device_type: str) -> dict[str, Any]:
+        """Returns the speed settings resolved for a device type ("cuda", "cpu"): "auto" is on
+        for CUDA only."""
+        on = device_type == "cuda"
+        auto = lambda v: on if v == "auto" else v   # noqa: E731
+        return {"precision": ("bf16" if on else "fp32") if self.precision == "auto" else self.precision,
+                "channels_last": auto(self.channels_last), "fused_optimizer": auto(self.fused_optimizer),
+                "compile": self.compile}
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the config as a flat dict of plain values."""

@@ -92,6 +92,23 @@ def prepare(cfg: TrainConfig, uses_outliers: bool = False) -> Prepared:
     return Prepared(ident, val_ood, test_ood, outliers, note)
 
 
+# The config fields `prepare` reads: trials that agree on them train on the same arrays.
+DATA_FIELDS = ("dataset", "imbalance_ratio", "val_per_class", "n_max", "test_per_class", "split_seed",
+               "data_dir", "cache_dir", "download", "val_ood", "val_ood_size", "test_ood",
+               "ood_max_images", "meta_per_class", "outlier_set", "outlier_max_images")
+_last_prepared: dict[tuple, Prepared] = {}
+
+
+def prepare_shared(cfg: TrainConfig, uses_outliers: bool = False) -> Prepared:
+    """Returns `prepare(cfg, uses_outliers)`, kept for the next call in this process: a Ray actor
+    that runs trial after trial of one search loads the data once. Holds one build at a time."""
+    key = (uses_outliers, *(getattr(cfg, f) for f in DATA_FIELDS))
+    if key not in _last_prepared:
+        _last_prepared.clear()
+        _last_prepared[key] = prepare(cfg, uses_outliers)
+    return _last_prepared[key]
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,11 +143,23 @@ class Trial:
         self.device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)
         ident = prepared.id
+        self.speed = cfg.speed(self.device.type)
+        # What "auto" became on this device, reported with every result (tracking tags the run).
+        self.resolved = {f"resolved.{k}": str(v) for k, v in {"device": self.device.type, **self.speed}.items()}
         self.method = method_cls(cfg, ident.counts, self.device)
         self.model = self.method.build_model().to(self.device)
-        if cfg.channels_last:
+        if self.speed["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = self.method.build_optimizer(self.model)
+        # The training forward may be compiled; evaluation and checkpoints use the plain module
+        # (same parameters), so state dicts keep their names.
+        self.train_model = self.model
+        if self.speed["compile"] != "none":
+            if not self.method.compilable:
+                raise ValueError(f"compile={cfg.compile!r}: method {self.method.name} does not support "
+                                 f"torch.compile; use compile=none")
+            mode = None if self.speed["compile"] == "default" else self.speed["compile"]
+            self.train_model = torch.compile(self.model, mode=mode)
         to_dev = lambda s: augment.to_device_images(s.x, self.device)  # noqa: E731
         self.train_x, self.val_x, self.test_x = to_dev(ident.train), to_dev(ident.val), to_dev(ident.test)
         self.train_y = torch.from_numpy(ident.train.y).to(self.device)
@@ -155,7 +184,7 @@ class Trial:
     # -- training ---------------------------------------------------------------------------
     def transform(self, x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x = self.method.train_transform(x_uint8, gen)
-        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+        return x.contiguous(memory_format=torch.channels_last) if self.speed["channels_last"] else x
 
     def train_epoch(self) -> dict[str, float]:
         """Runs one pass over the long-tailed set; returns mean train loss, stats and the LR."""
@@ -180,6 +209,7 @@ class Trial:
                                        for _ in range(laps)])
         self.method.begin_epoch(self.epoch, self.model)
         self.model.train()
+        bf16 = self.speed["precision"] == "bf16"
         total, stats_sum, steps = torch.zeros((), device=dev), {}, math.ceil(n / cfg.batch_size)
         for step in range(steps):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
@@ -192,8 +222,8 @@ class Trial:
             if outlier_order is not None:
                 oidx = outlier_order[step * n_out:(step + 1) * n_out]
                 batch.x_out, batch.out_index = transform(self.outlier_x[oidx], gen), oidx
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                loss, stats = self.method.loss(self.model, batch, rng)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                loss, stats = self.method.loss(self.train_model, batch, rng)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -267,31 +297,42 @@ class Trial:
 
 
 def fit(method_cls, cfg: TrainConfig, reporter: Reporter, prepared: Prepared | None = None) -> dict[str, float]:
-    """Trains `cfg.epochs` epochs, reporting every epoch; returns the last report.
+    """Trains `cfg.epochs` epochs; validates and reports every `cfg.eval_every` epochs and at the
+    last; returns the last report.
 
     The last epoch's report also carries the test metrics, so they exist even when a scheduler
-    stops the trial right after it. Checkpoints carry the model, optimiser and epoch.
+    stops the trial right after it. Checkpoints carry the model, optimiser and epoch; one is
+    written with every `cfg.checkpoint_every`-th report and with the last.
     """
     prepared = prepared or prepare(cfg, method_cls.uses_outliers)
     trial = Trial(method_cls, cfg, prepared)
     reporter.restore(trial.load)
     last: dict[str, float] = {}
+    reports, since, started = 0, 0, time.perf_counter()
     while trial.epoch < cfg.epochs:
-        started = time.perf_counter()
         last = trial.train_epoch()
-        val, threshold = trial.validate()
-        last.update(val, epoch=trial.epoch, epoch_seconds=time.perf_counter() - started)
+        since += 1
         final = trial.epoch == cfg.epochs
+        if not (final or trial.epoch % cfg.eval_every == 0):
+            continue
+        trained = time.perf_counter()
+        val, threshold = trial.validate()
+        # epoch_seconds: wall time per epoch since the last report, its validation included.
+        now = time.perf_counter()
+        last.update(val, epoch=trial.epoch, epoch_seconds=(now - started) / since,
+                    eval_seconds=now - trained, **trial.resolved)
         arrays = None
         if final:
             test, arrays = trial.test()
             last.update(test)
-        if final or trial.epoch % cfg.checkpoint_every == 0:
+        reports += 1
+        if final or reports % cfg.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as d:
                 trial.save(d, {"val_confidence_threshold95": threshold, "metrics": last}, arrays)
                 reporter.report(last, d)
         else:
             reporter.report(last, None)
+        since, started = 0, time.perf_counter()
     return last
 
 

@@ -66,6 +66,7 @@ class Method(abc.ABC):
     # How images reach the network; logged with every trial (a method that changes them says so).
     augment_rule = augment.AUGMENT_RULE
     input_rule = f"mean {augment.CIFAR_MEAN} std {augment.CIFAR_STD} (CIFAR-10, all sets)"
+    compilable = True              # the engine may torch.compile the model passed to `loss`
 
     def __init__(self, cfg: TrainConfig, counts: list[int], device: torch.device):
         self.cfg, self.counts, self.device = cfg, list(counts), device
@@ -77,12 +78,24 @@ class Method(abc.ABC):
         """Returns the network (see the model contract above)."""
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        """Returns the optimiser named by cfg.optimizer ("sgd" or "adam"), at cfg.lr."""
+        """Returns the optimiser named by cfg.optimizer ("sgd" or "adam") over the model, at cfg.lr."""
+        return self.make_optimizer(model.parameters())
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        """Returns cfg.optimizer over `params` (tensors or param groups); one fused kernel per
+        step where cfg.fused_optimizer resolves on (CUDA by default)."""
         cfg = self.cfg
+        fused = True if cfg.speed(torch.device(self.device).type)["fused_optimizer"] else None
         if cfg.optimizer == "adam":   # L2 added to the gradient (Adam's weight_decay, not AdamW)
-            return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay, fused=fused)
+
+    def step_generator(self, rng: np.random.RandomState) -> torch.Generator:
+        """Returns a generator on the method's device seeded from the engine's per-epoch `rng`:
+        a draw made with it happens on the device (no host-to-device copy in the step) and a
+        resumed trial repeats it."""
+        return torch.Generator(device=self.device).manual_seed(int(rng.randint(2**31 - 1)))
 
     # -- inputs ----------------------------------------------------------------------------
     def train_transform(self, x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

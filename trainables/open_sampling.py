@@ -126,9 +126,10 @@ def class_weights(gamma: np.ndarray) -> np.ndarray:
     return len(gamma) * gamma
 
 
-def sample_open_labels(gamma: np.ndarray, m: int, rng: np.random.RandomState) -> np.ndarray:
-    """Returns m i.i.d. labels ỹ ~ Γ (int64 [m]): drawn afresh for every outlier batch (§3.4)."""
-    return rng.choice(len(gamma), size=m, p=gamma).astype(np.int64)
+def sample_open_labels(gamma: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
+    """Returns m i.i.d. labels ỹ ~ Γ (int64 [m], on Γ's device): drawn afresh for every outlier
+    batch (§3.4)."""
+    return torch.multinomial(gamma, m, replacement=True, generator=gen)
 
 
 def open_sampling_regulariser(logits_out: torch.Tensor, labels: torch.Tensor, omega: torch.Tensor,
@@ -158,6 +159,7 @@ class Method(CrossEntropy):
         if cfg.alpha_scale is not None:
             alpha = cfg.alpha_scale * float(class_prior(counts).max())
         self.gamma = label_distribution(counts, cfg.label_dist, alpha, cfg.cb_beta)   # Γ, fixed
+        self.gamma_device = torch.as_tensor(self.gamma, dtype=torch.float32, device=device)
         omega = class_weights(self.gamma) if cfg.use_weight else np.ones(self.num_classes)
         self.omega = torch.as_tensor(omega, dtype=torch.float32, device=device)      # ω, fixed
         self.active = cfg.os_start_epoch <= 0
@@ -176,7 +178,7 @@ class Method(CrossEntropy):
         z_in, z_out = joint_logits(model, batch.x, batch.x_out)
         l_imb = self.id_loss(z_in, batch.y)
         # ỹ from the engine's per-epoch seeded rng: a resumed trial draws the same labels.
-        labels = torch.from_numpy(sample_open_labels(self.gamma, len(z_out), rng)).to(z_out.device)
+        labels = sample_open_labels(self.gamma_device, len(z_out), self.step_generator(rng))
         l_reg = open_sampling_regulariser(z_out, labels, self.omega, self.cfg.reg_norm)
         return l_imb + self.cfg.eta * l_reg, {"l_imb": l_imb.detach(), "l_reg": l_reg.detach()}
 

@@ -176,8 +176,7 @@ class Method(BaseMethod):
         if self.train_x is None or index is None:
             raise ValueError("pascl needs the training images (begin_training) and batch.index "
                              "to draw the second view; got none")
-        gen = torch.Generator(device=self.train_x.device).manual_seed(int(rng.randint(2**31 - 1)))
-        return self.train_transform(self.train_x[index], gen)
+        return self.train_transform(self.train_x[index], self.step_generator(rng))
 
     def loss(self, model: torch.nn.Module, batch: Batch,
              rng: np.random.RandomState) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -229,13 +229,8 @@ class Method(darl.Method):
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """Returns cfg.optimizer over the network and RCL heads, plus the DEC centres without weight
         decay (decay would pull every centre toward the origin)."""
-        cfg = self.cfg
-        groups = [{"params": [*model.parameters(), *self.rcl_heads.parameters()]},
-                  {"params": [self.centers], "weight_decay": 0.0}]
-        if cfg.optimizer == "adam":
-            return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
+        return self.make_optimizer([{"params": [*model.parameters(), *self.rcl_heads.parameters()]},
+                                    {"params": [self.centers], "weight_decay": 0.0}])
 
     def begin_training(self, data: TrainData) -> None:
         if self.cfg.hat_sampler_rho != 1:   # the engine's balanced stream is ρ = 1 only
@@ -247,8 +242,7 @@ class Method(darl.Method):
         if self.hat_weights is None:
             raise RuntimeError("hat_sampler_rho != 1 draws from the training set given to "
                                "begin_training(); call it first")
-        seed = int(rng.randint(2**31 - 1))      # from the engine's per-epoch rng: resumable
-        gen = torch.Generator(device=self.hat_weights.device).manual_seed(seed)
+        gen = self.step_generator(rng)       # from the engine's per-epoch rng: resumable
         idx = torch.multinomial(self.hat_weights, batch.x.shape[0], replacement=True, generator=gen)
         return dataclasses.replace(batch, x_bal=self.train_transform(self.train_images[idx], gen),
                                    y_bal=self.train_labels[idx])
