@@ -6,8 +6,9 @@
 1. Service: `search/run.py METHOD` (Ray Tune + Optuna + MLflow, champion registration included),
    no pruning (grace period = epochs), on the smoke preset, one trial at a time.
 2. Direct: the same configurations (read back from the search's trial folders) trained one after
-   another by `engine.fit` in this process on data prepared once: no Ray, no Optuna, no MLflow,
-   the least a hand-written loop over the configurations would cost.
+   another by `engine.fit` in one new Python process on data prepared once: no Ray, no Optuna, no
+   MLflow, the least a hand-written script over the configurations would cost. Both sides are
+   timed as whole commands, from process start to exit.
 3. ASHA: the same search and seed with pruning (grace 1, reduction factor 2): epochs spent and the
    best validation score, against the unpruned search.
 Overhead = service wall time / direct wall time - 1, split into what the trials themselves take
@@ -72,6 +73,41 @@ def trials(folder: str) -> list[dict]:
     return out
 
 
+def direct(method: str, fixed: dict, configs: list[dict], root: str) -> tuple[float, list[float], list[float]]:
+    """Trains `configs` one after another in a new process; returns (wall seconds of the whole
+    command, seconds of each fit, each fit's last val_score)."""
+    spec, result = os.path.join(root, "direct.json"), os.path.join(root, "direct-out.json")
+    with open(spec, "w") as f:
+        json.dump({"method": method, "fixed": fixed, "configs": configs, "out": result}, f)
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--direct-from", spec],
+                          cwd=root, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"direct training failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    with open(result) as f:
+        out = json.load(f)
+    return seconds, out["seconds"], out["val_scores"]
+
+
+def run_direct(spec_path: str) -> None:
+    """The direct side's process: prepare once, then `engine.fit` each configuration."""
+    with open(spec_path) as f:
+        spec = json.load(f)
+    method_cls = registry.get(spec["method"])
+    fixed = spec["fixed"]
+    prepared = engine.prepare(method_cls.config_cls.from_dict(fixed), method_cls.uses_outliers)
+    seconds, scores = [], []
+    for params in spec["configs"]:
+        cfg = method_cls.config_cls.from_dict({**fixed, **params})
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as out:
+            scores.append(engine.fit(method_cls, cfg, engine.LocalReporter(out), prepared)["val_score"])
+        seconds.append(time.perf_counter() - started)
+    with open(spec["out"], "w") as f:
+        json.dump({"seconds": seconds, "val_scores": scores}, f)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/overhead.py", description=__doc__.split("\n")[0])
     p.add_argument("--method", default="ce")
@@ -85,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", help="MLflow server for the searches (default: a fresh sqlite "
                    "file, whose table creation, about 5 s, counts as service time)")
     p.add_argument("--json", help="write the numbers here as JSON")
+    p.add_argument("--direct-from", help=argparse.SUPPRESS)   # internal: the direct side's process
     args = p.parse_args(argv)
+    if args.direct_from:
+        run_direct(args.direct_from)
+        return 0
     if not args.data_dir:
         raise SystemExit("error: pass --data-dir (or set TAILTUNE_DATA_DIR) to the offline archives")
     method_cls = registry.get(args.method)
@@ -95,22 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.set:
         key, _, text = item.partition("=")
         fixed[key] = engine.parse_value(text)
-    # Warms the decoded-image cache, and is the direct side's data.
-    prepared = engine.prepare(method_cls.config_cls.from_dict(fixed), method_cls.uses_outliers)
+    engine.prepare(method_cls.config_cls.from_dict(fixed), method_cls.uses_outliers)   # warm the cache
 
     with tempfile.TemporaryDirectory() as root:
         service_s, folder = search(args, root, "no-pruning", grace=args.epochs)
         full = trials(folder)
-        started = time.perf_counter()
-        direct_scores, direct_trial_s = [], []
-        for trial in full:      # the same configurations, trained directly
-            cfg = method_cls.config_cls.from_dict({**fixed, **trial["params"]})
-            fit_started = time.perf_counter()
-            with tempfile.TemporaryDirectory() as out:
-                direct_scores.append(engine.fit(method_cls, cfg, engine.LocalReporter(out),
-                                                prepared)["val_score"])
-            direct_trial_s.append(time.perf_counter() - fit_started)
-        direct_s = time.perf_counter() - started
+        direct_s, direct_trial_s, direct_scores = direct(args.method, fixed, [t["params"] for t in full], root)
         asha_s, asha_folder = search(args, root, "asha", grace=1)
         pruned = trials(asha_folder)
 
@@ -126,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "service_trial_seconds": [t["seconds"] for t in full], "direct_trial_seconds": direct_trial_s,
         "in_trial_overhead": sum(t["seconds"] for t in full) / sum(direct_trial_s) - 1,
         "fixed_seconds": service_s - sum(t["seconds"] for t in full),
+        "direct_fixed_seconds": direct_s - sum(direct_trial_s),
         "service_vs_direct_val_score": [[t["val_score"], d] for t, d in zip(full, direct_scores)],
         "no_pruning": {"seconds": service_s, "epochs_spent": sum(t["epochs"] for t in full),
                        "best_val_score": best(full)},
@@ -138,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{' '.join(args.set)}, one trial at a time")
     print(f"{'':<34}{'wall s':>9}")
     print(f"{'direct (engine.fit, no services)':<34}{direct_s:>9.1f}")
+    print(f"{'  of which the fits':<34}{sum(direct_trial_s):>9.1f}")
+    print(f"{'  of which fixed (start, data)':<34}{report['direct_fixed_seconds']:>9.1f}")
     print(f"{'search/run.py (Ray+Optuna+MLflow)':<34}{service_s:>9.1f}")
     in_trials = sum(t["seconds"] for t in full)
     print(f"{'  of which inside the trials':<34}{in_trials:>9.1f}   ({100 * report['in_trial_overhead']:+.1f}% "
