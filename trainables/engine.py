@@ -92,17 +92,17 @@ def prepare(cfg: TrainConfig, uses_outliers: bool = False) -> Prepared:
     return Prepared(ident, val_ood, test_ood, outliers, note)
 
 
-# The config fields `prepare` reads: trials that agree on them train on the same arrays.
-DATA_FIELDS = ("dataset", "imbalance_ratio", "val_per_class", "n_max", "test_per_class", "split_seed",
-               "data_dir", "cache_dir", "download", "val_ood", "val_ood_size", "test_ood",
-               "ood_max_images", "meta_per_class", "outlier_set", "outlier_max_images")
+# What `prepare` reads besides the split (`dataset_spec`): trials that agree on all of it train
+# on the same arrays.
+SOURCE_FIELDS = ("data_dir", "cache_dir", "download", "val_ood", "val_ood_size", "test_ood",
+                 "ood_max_images", "outlier_set", "outlier_max_images")
 _last_prepared: dict[tuple, Prepared] = {}
 
 
 def prepare_shared(cfg: TrainConfig, uses_outliers: bool = False) -> Prepared:
     """Returns `prepare(cfg, uses_outliers)`, kept for the next call in this process: a Ray actor
     that runs trial after trial of one search loads the data once. Holds one build at a time."""
-    key = (uses_outliers, *(getattr(cfg, f) for f in DATA_FIELDS))
+    key = (uses_outliers, dataset_spec(cfg), *(getattr(cfg, f) for f in SOURCE_FIELDS))
     if key not in _last_prepared:
         _last_prepared.clear()
         _last_prepared[key] = prepare(cfg, uses_outliers)
@@ -308,7 +308,7 @@ def fit(method_cls, cfg: TrainConfig, reporter: Reporter, prepared: Prepared | N
     trial = Trial(method_cls, cfg, prepared)
     reporter.restore(trial.load)
     last: dict[str, float] = {}
-    reports, since, started = 0, 0, time.perf_counter()
+    since, started = 0, time.perf_counter()
     while trial.epoch < cfg.epochs:
         last = trial.train_epoch()
         since += 1
@@ -325,8 +325,8 @@ def fit(method_cls, cfg: TrainConfig, reporter: Reporter, prepared: Prepared | N
         if final:
             test, arrays = trial.test()
             last.update(test)
-        reports += 1
-        if final or reports % cfg.checkpoint_every == 0:
+        # Counted from the epoch, so a resumed trial keeps the same checkpoint epochs.
+        if final or (trial.epoch // cfg.eval_every) % cfg.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as d:
                 trial.save(d, {"val_confidence_threshold95": threshold, "metrics": last}, arrays)
                 reporter.report(last, d)
