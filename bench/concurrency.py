@@ -77,9 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     values = {"device": args.device, "batch_size": args.batch_size, "data_dir": args.data_dir,
               "cache_dir": args.cache_dir, "download": False, "test_ood": ("mnist",),
               "ood_max_images": 100, "val_ood_size": 100, "n_max": args.n_max}
-    for item in args.set:
-        key, _, text = item.partition("=")
-        values[key] = engine.parse_value(text)
+    values.update(engine.parse_settings(p, args.set))
     engine.prepare(darl.DarlConfig.from_dict(values))      # decode once, before the tasks start
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,

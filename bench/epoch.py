@@ -267,16 +267,6 @@ def summary(seconds: list[float], memory: dict[str, float | None], images: int,
 
 
 # -- command line ------------------------------------------------------------------------------
-def parse_pairs(p: argparse.ArgumentParser, items: list[str], flag: str) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep:
-            p.error(f"{flag} {item!r}: expected KEY=VALUE")
-        out[key] = engine.parse_value(text)
-    return out
-
-
 def device_name(dev: str) -> str:
     if dev == "cuda":
         return torch.cuda.get_device_name()
@@ -339,9 +329,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    settings = engine.parse_settings(p, args.set)
     shared = {**LIGHT_EVAL, "device": args.device, "data_dir": args.data_dir, "cache_dir": args.cache_dir,
-              "n_max": n_max, "batch_size": args.batch_size, **parse_pairs(p, args.set, "--set")}
-    extra = parse_pairs(p, args.ours_extra, "--ours-extra")
+              "n_max": n_max, "batch_size": args.batch_size, **settings}
+    extra = engine.parse_settings(p, args.ours_extra, "--ours-extra")
     try:
         cfg = darl.DarlConfig.from_dict(shared)
         cfg_ours = darl.DarlConfig.from_dict({**shared, **extra})
@@ -383,10 +374,10 @@ def main(argv: list[str] | None = None) -> None:
     ratio = sides["ours"]["images_per_second"] / sides["reference"]["images_per_second"]
     projection = None
     if trial_epochs > 0:
-        evals = evaluation_seconds(cfg_ours, repeats, set(parse_pairs(p, args.set, "--set")) | set(extra))
+        evals = evaluation_seconds(cfg_ours, repeats, set(settings) | set(extra))
         validations = math.ceil(trial_epochs / args.eval_every)
         per_epoch = sides["ours"]["epoch_seconds_measured"]
-        projection = {"epochs": trial_epochs, "eval_every": args.eval_every, **evals,
+        projection = {"epochs": trial_epochs, "eval_every": args.eval_every, "validations": validations, **evals,
                       "trial_seconds": trial_epochs * per_epoch + validations * evals["validate_seconds"]
                       + evals["test_seconds"]}
 
@@ -401,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
               f"GPU), {1e6 * per_step / ops_per_step:,.1f} us of wall time per operator")
     if projection:
         print(f"projected {trial_epochs}-epoch trial (ours): {trial_epochs} x "
-              f"{sides['ours']['epoch_seconds_measured']:.2f} s + {math.ceil(trial_epochs / args.eval_every)} "
+              f"{sides['ours']['epoch_seconds_measured']:.2f} s + {projection['validations']} "
               f"validations x {projection['validate_seconds']:.2f} s ({projection['validation_images']:,} images) "
               f"+ test {projection['test_seconds']:.2f} s ({projection['test_images']:,} images) = "
               f"{projection['trial_seconds'] / 60:.1f} min")

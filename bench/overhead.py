@@ -132,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     fixed = {**PRESETS["smoke"]["config"], "data_dir": args.data_dir, "cache_dir": args.cache_dir,
              "download": False, "epochs": args.epochs, "seed": args.seed,
              "test_ood": tuple(TEST_OOD.split(","))}
-    for item in args.set:
-        key, _, text = item.partition("=")
-        fixed[key] = engine.parse_value(text)
+    fixed.update(engine.parse_settings(p, args.set))
     engine.prepare(method_cls.config_cls.from_dict(fixed), method_cls.uses_outliers)   # warm the cache
 
     with tempfile.TemporaryDirectory() as root:

@@ -38,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="compare.csv")
     args = p.parse_args(argv)
     shared = {"epochs": args.epochs, "data_dir": args.data_dir, "test_ood": OFFLINE_TEST_OOD}
-    for item in args.set:
-        key, _, text = item.partition("=")
-        shared[key] = engine.parse_value(text)
+    shared.update(engine.parse_settings(p, args.set))
     rows = []
     for name in args.methods.split(","):
         method_cls = registry.get(name)

@@ -382,6 +382,18 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def parse_settings(parser: argparse.ArgumentParser, items: list[str], flag: str = "--set") -> dict[str, Any]:
+    """Returns {key: parse_value(value)} for KEY=VALUE command-line items; an item without "="
+    is a usage error naming it (`parser.error`)."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            parser.error(f"{flag} {item!r}: expected KEY=VALUE")
+        out[key] = parse_value(text)
+    return out
+
+
 def main(method_cls, argv: list[str] | None = None) -> None:
     """Standalone entry point: `python -m trainables.<method> --epochs 2 --set key=value ...`."""
     p = argparse.ArgumentParser(prog=f"python -m trainables {method_cls.name}",
@@ -394,11 +406,7 @@ def main(method_cls, argv: list[str] | None = None) -> None:
     values: dict[str, Any] = {"data_dir": args.data_dir}
     if args.epochs:
         values["epochs"] = args.epochs
-    for item in args.set:
-        key, sep, text = item.partition("=")
-        if not sep:
-            p.error(f"--set {item!r}: expected KEY=VALUE")
-        values[key] = parse_value(text)
+    values.update(parse_settings(p, args.set))
     try:
         cfg = method_cls.config_cls.from_dict(values)
         fit(method_cls, cfg, LocalReporter(args.out))
