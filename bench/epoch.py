@@ -189,6 +189,14 @@ def evaluation_seconds(cfg: darl.DarlConfig, repeats: int, kept: set[str]) -> di
             "test_images": len(trial.test_x) + sum(len(x) for x in trial.test_ood_x)}
 
 
+def initial_weights(cfg: darl.DarlConfig, prepared: engine.Prepared) -> dict[str, torch.Tensor]:
+    """Returns the initial weights engine.Trial builds for `cfg` (seeded), on the host: every
+    side loads them, so all start from the same model."""
+    torch.manual_seed(cfg.seed)
+    return {k: v.clone() for k, v in
+            darl.Method(cfg, prepared.id.counts, torch.device("cpu")).build_model().state_dict().items()}
+
+
 # -- measuring ---------------------------------------------------------------------------------
 class HostPeak:
     """Samples, in a thread, the host memory of this process plus its children (DataLoader workers).
@@ -350,9 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     images = len(prepared.id.train)
     steps = math.ceil(images / cfg.batch_size)
     load_before = os.getloadavg()
-    torch.manual_seed(cfg.seed)   # the weights engine.Trial builds; both sides load them
-    initial = {k: v.clone() for k, v in
-               darl.Method(cfg, prepared.id.counts, torch.device("cpu")).build_model().state_dict().items()}
+    initial = initial_weights(cfg, prepared)
     print(f"DARL on {cfg.dataset}-LT IR{cfg.imbalance_ratio:g}: {images:,} LT images per epoch, "
           f"batch {cfg.batch_size} per stream, {steps} steps; device {args.device}, "
           f"{torch.get_num_threads()} threads; 1 warm-up + {repeats} timed epochs per side", flush=True)
