@@ -108,73 +108,79 @@ def download(pins: dict[str, str], into: str) -> list[str]:
     return sorted(f for f in os.listdir(into) if f.endswith(".whl"))
 
 
+def pack(wheels_dir: str, data_dir: str, data_files: list[str], out: str, limit: int,
+         pins: dict[str, str], python: str = TARGET_MARKERS["python_version"]) -> dict:
+    """Packs the wheels in `wheels_dir` (one tar, split into chunks) and `data_files` into carries
+    `out`/carry-1, carry-2, ..., each at most `limit` bytes; returns the manifest every carry holds.
+    Chunks fill the carries in order; the data goes with the last chunk if it fits, else alone."""
+    wheels = sorted(f for f in os.listdir(wheels_dir) if f.endswith(".whl"))
+    data_bytes = sum(os.path.getsize(os.path.join(data_dir, f)) for f in data_files)
+    if data_bytes > limit:
+        raise ValueError(f"the data alone ({data_bytes / MIB:.1f} MiB) exceeds the carry limit "
+                         f"({limit / MIB:.1f} MiB)")
+    os.makedirs(out, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        tar_path = os.path.join(tmp, "wheels.tar")
+        with tarfile.open(tar_path, "w") as tar:   # wheels are already compressed
+            for name in wheels:
+                tar.add(os.path.join(wheels_dir, name), arcname=name)
+        tar_bytes, tar_sha = os.path.getsize(tar_path), sha256(tar_path)
+        chunks, carries = [], []
+        with open(tar_path, "rb") as f:
+            remaining = tar_bytes
+            while remaining:
+                size = min(limit, remaining)
+                name, carry = f"wheels.tar.{len(chunks):03d}", f"carry-{len(carries) + 1}"
+                os.makedirs(os.path.join(out, carry))
+                with open(os.path.join(out, carry, name), "wb") as chunk:
+                    chunk.write(f.read(size))
+                chunks.append({"name": name, "bytes": size, "carry": carry,
+                               "sha256": sha256(os.path.join(out, carry, name))})
+                carries.append(carry)
+                remaining -= size
+    if not carries or chunks[-1]["bytes"] + data_bytes > limit:
+        carries.append(f"carry-{len(carries) + 1}")
+        os.makedirs(os.path.join(out, carries[-1]))
+    os.makedirs(os.path.join(out, carries[-1], "data"))
+    for name in data_files:
+        shutil.copy2(os.path.join(data_dir, name), os.path.join(out, carries[-1], "data"))
+    manifest = {"python": python, "target": f"CPython {python}, " + ", ".join(PLATFORMS),
+                "wheels": wheels, "pins": pins, "tar_bytes": tar_bytes, "tar_sha256": tar_sha,
+                "chunks": chunks, "data": data_files, "data_bytes": data_bytes, "carries": carries}
+    for carry in carries:
+        with open(os.path.join(out, carry, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+    return manifest
+
+
 def prepare(args: argparse.Namespace) -> None:
     if not args.data_dir or not os.path.isfile(os.path.join(args.data_dir, DATA[0])):
         raise SystemExit(f"error: --data-dir {args.data_dir}: expected a folder holding {', '.join(DATA)}")
-    limit = int(args.carry_mib * MIB)
     pins = closure(ROOTS)
     for name in closure(PREINSTALLED):
         pins.pop(name, None)
     if os.path.exists(args.out):
         shutil.rmtree(args.out)
-    staging = os.path.join(args.out, "staging")
-    wheels_dir = os.path.join(staging, "wheels")
-    os.makedirs(wheels_dir)
-    print(f"downloading {len(pins)} wheels for CPython 3.12 manylinux x86_64 ...", flush=True)
-    wheels = download(pins, wheels_dir)
-    tar_path = os.path.join(staging, "wheels.tar")
-    with tarfile.open(tar_path, "w") as tar:   # wheels are already compressed
-        for name in wheels:
-            tar.add(os.path.join(wheels_dir, name), arcname=name)
-    data_files = [f for f in DATA if os.path.isfile(os.path.join(args.data_dir, f))]
-    data_bytes = sum(os.path.getsize(os.path.join(args.data_dir, f)) for f in data_files)
-    if data_bytes > limit:
-        raise SystemExit(f"error: the data alone ({data_bytes / MIB:.1f} MiB) exceeds --carry-mib {args.carry_mib}")
-
-    # Chunks fill carries 1..K-1; the last carry holds the data and the tail of the tar if it fits.
-    tar_bytes = os.path.getsize(tar_path)
-    chunks, carries = [], []
-    with open(tar_path, "rb") as f:
-        remaining = tar_bytes
-        while remaining:
-            room = limit if remaining > limit - data_bytes else limit - data_bytes
-            size = min(room, remaining)
-            name = f"wheels.tar.{len(chunks):03d}"
-            carry = f"carry-{len(carries) + 1}"
-            os.makedirs(os.path.join(args.out, carry))
-            with open(os.path.join(args.out, carry, name), "wb") as out:
-                out.write(f.read(size))
-            chunks.append({"name": name, "bytes": size, "carry": carry,
-                           "sha256": sha256(os.path.join(args.out, carry, name))})
-            carries.append(carry)
-            remaining -= size
-    if not carries or chunks[-1]["bytes"] + data_bytes > limit:
-        carries.append(f"carry-{len(carries) + 1}")
-        os.makedirs(os.path.join(args.out, carries[-1]))
-    data_out = os.path.join(args.out, carries[-1], "data")
-    os.makedirs(data_out)
-    for name in data_files:
-        shutil.copy2(os.path.join(args.data_dir, name), data_out)
-    manifest = {"wheels": wheels, "pins": pins, "tar_bytes": tar_bytes, "tar_sha256": sha256(tar_path),
-                "chunks": chunks, "data": data_files, "carries": carries,
-                "target": "CPython 3.12, " + ", ".join(PLATFORMS)}
-    for carry in carries:
-        with open(os.path.join(args.out, carry, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
-    biggest = sorted(((os.path.getsize(os.path.join(wheels_dir, w)), w) for w in wheels), reverse=True)[:4]
-    shutil.rmtree(staging)
-
-    sizes = {c: sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(args.out, c))
-                    for f in files) for c in carries}
+    with tempfile.TemporaryDirectory() as wheels_dir:
+        print(f"downloading {len(pins)} wheels for CPython 3.12 manylinux x86_64 ...", flush=True)
+        wheels = download(pins, wheels_dir)
+        biggest = sorted(((os.path.getsize(os.path.join(wheels_dir, w)), w) for w in wheels), reverse=True)[:3]
+        data_files = [f for f in DATA if os.path.isfile(os.path.join(args.data_dir, f))]
+        try:
+            manifest = pack(wheels_dir, args.data_dir, data_files, args.out, int(args.carry_mib * MIB), pins)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}; raise --carry-mib") from None
     rel = os.path.relpath(args.out, REPO)
     print(f"biggest wheels: {', '.join(f'{w} {b / MIB:.1f} MiB' for b, w in biggest)}")
-    print(f"wheels: {len(wheels)} files, {tar_bytes / MIB:.1f} MiB; data: {', '.join(data_files)}, "
-          f"{data_bytes / MIB:.1f} MiB; total {(tar_bytes + data_bytes) / MIB:.1f} MiB in {len(carries)} carries")
-    for i, carry in enumerate(carries):
-        last = i == len(carries) - 1
-        command = ("python3 bench/gpu_suite.py --json $OUT/gpu-suite.json" if last
+    print(f"wheels: {len(wheels)} files, {manifest['tar_bytes'] / MIB:.1f} MiB; data: {', '.join(data_files)}, "
+          f"{manifest['data_bytes'] / MIB:.1f} MiB; total {(manifest['tar_bytes'] + manifest['data_bytes']) / MIB:.1f} "
+          f"MiB in {len(manifest['carries'])} carries")
+    for i, carry in enumerate(manifest["carries"]):
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(args.out, carry))
+                   for f in files)
+        command = ("python3 bench/gpu_suite.py --json $OUT/gpu-suite.json" if i == len(manifest["carries"]) - 1
                    else "python3 bench/gpu_suite.py --install-only")
-        print(f"  run {i + 1}: carry {rel}/{carry} ({sizes[carry] / MIB:.1f} MiB)  ->  {command}")
+        print(f"  run {i + 1}: carry {rel}/{carry} ({size / MIB:.1f} MiB)  ->  {command}")
 
 
 # -- on the GPU machine --------------------------------------------------------------------------
@@ -208,6 +214,9 @@ def install(payload: str = PAYLOAD) -> str:
         return "no wheels carried (no .gpu-payload/carry-*/payload.json)"
     with open(manifests[-1]) as f:
         manifest = json.load(f)
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if manifest["python"] != here:
+        return f"wheels not installed: they are for Python {manifest['python']}, this is {here}"
     site, received = os.path.join(payload, SITE), os.path.join(payload, "received")
     marker = os.path.join(site, "installed.json")
     if os.path.exists(marker):
@@ -249,7 +258,8 @@ def install(payload: str = PAYLOAD) -> str:
 
 
 def site_dir(payload: str = PAYLOAD) -> str | None:
-    """Returns the installed wheels' folder, or None if nothing has been installed."""
+    """Returns the installed wheels' folder, or None if nothing has been installed. It goes on the
+    path after what the machine has: it holds only packages the GPU machine lacks."""
     site = os.path.join(payload, SITE)
     return site if os.path.exists(os.path.join(site, "installed.json")) else None
 
