@@ -91,12 +91,14 @@ def _process_trial(values: dict, epochs: int, barrier, results, threads: int) ->
         barrier.abort()
 
 
-def process_windows(values: dict, n: int, epochs: int, timeout_s: float = 1800) -> list[dict]:
-    """Runs `run_trial` in N spawned processes sharing the device, all released by one barrier.
-    Raises RuntimeError naming the first trial's error."""
+def process_windows(values: dict, n: int, epochs: int, threads: int | None = None,
+                    timeout_s: float = 1800) -> list[dict]:
+    """Runs `run_trial` in N spawned processes sharing the device, all released by one barrier,
+    each with `threads` torch threads (default: the CPUs split N ways). Raises RuntimeError naming
+    the first trial's error."""
     ctx = multiprocessing.get_context("spawn")   # CUDA cannot be used in forked children
     barrier, results = ctx.Barrier(n), ctx.Queue()
-    threads = max(1, (os.cpu_count() or 1) // n)
+    threads = threads or max(1, (os.cpu_count() or 1) // n)
     procs = [ctx.Process(target=_process_trial, args=(values, epochs, barrier, results, threads))
              for _ in range(n)]
     for proc in procs:

@@ -10,16 +10,16 @@ nothing but wheels):
 
     python3 bench/gpu_payload.py install
 
-`prepare` downloads, for a Python 3.12 manylinux x86_64 target, the wheels of the packages the
-search stage needs (Ray Tune, Optuna, MLflow's client, SQLAlchemy, Alembic) and of everything they
+`prepare` downloads, for a CPython 3.12 (`--python`) manylinux x86_64 target, the wheels of the packages the
+search stage needs (Ray Tune, Optuna, MLflow, SQLAlchemy, Alembic) and of everything they
 pull in, less what the GPU machine already has (torch, torchvision, numpy, pandas, scikit-learn,
 matplotlib, pillow, psutil, pyyaml, requests and their own dependencies). Versions are pinned to
 the ones installed here. The wheels go into one tar split into chunks, and the chunks and the
 trimmed data are packed into carries `.gpu-payload/carry-1`, `carry-2`, ..., each at most
-`--carry-mib`, since one transfer to the GPU machine is limited; it prints the total and which
-carry goes with which command. `install` joins the chunks once all have arrived (they stay in
-`.gpu-payload/received`), checks their sha256 and unpacks the wheels into `.gpu-payload/site`,
-which gpu_suite.py puts on the path.
+`--carry-mib`, since one transfer to the GPU machine is limited (the data goes in the first); it
+prints the total and which carry goes with which command. `install` joins the chunks once all
+have arrived (they stay in `.gpu-payload/received`), checks their sha256 and unpacks the wheels
+into `.gpu-payload/site`, which gpu_suite.py puts on the path.
 """
 from __future__ import annotations
 
@@ -40,17 +40,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAYLOAD = os.path.join(REPO, ".gpu-payload")
 SITE = "site"
 MANIFEST = "payload.json"
-# What the search stage imports (search/run.py, search/orchestrate.py, search/tracking.py with a
-# sqlite store); mlflow-skinny is MLflow's client without the server and UI.
-ROOTS = ("ray[tune]", "optuna", "cmaes", "mlflow-skinny", "sqlalchemy", "alembic")
+# What the search stage needs (search/run.py, orchestrate.py, tracking.py with a sqlite store).
+# MLflow itself, not only its client (mlflow-skinny): the champion records mlflow's version.
+ROOTS = ("ray[tune]", "optuna", "cmaes", "mlflow", "sqlalchemy", "alembic")
 # What the GPU machine ships with; these and their dependencies are not carried.
 PREINSTALLED = ("torch", "torchvision", "numpy", "pandas", "scikit-learn", "matplotlib", "pillow",
                 "psutil", "pyyaml", "requests")
+# Required by the search and by a recent preinstalled package here (scikit-learn), but perhaps not
+# by the GPU machine's older one: carried anyway (small, pure Python).
+ALWAYS_CARRY = ("cloudpickle",)
 # ID data, the auxiliary outliers RNA and Open-sampling train with, two test OOD sets.
 DATA = ("cifar10.tar.gz", "tin_aux.tar.gz", "tin_ood.tar.gz", "textures_ood.tar.gz")
-TARGET_MARKERS = {"python_version": "3.12", "python_full_version": "3.12.3", "os_name": "posix",
-                  "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
-                  "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+TARGET_PYTHON = "3.12"
+TARGET_MARKERS = {"os_name": "posix", "sys_platform": "linux", "platform_system": "Linux",
+                  "platform_machine": "x86_64", "implementation_name": "cpython",
+                  "platform_python_implementation": "CPython"}
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
 MIB = 2 ** 20
 
@@ -59,9 +63,9 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def closure(roots: tuple[str, ...]) -> dict[str, str]:
+def closure(roots: tuple[str, ...], python: str = TARGET_PYTHON) -> dict[str, str]:
     """Returns {distribution: installed version} for `roots` ("name[extra]") and everything they
-    require on the target (markers evaluated for Python 3.12 on Linux x86_64)."""
+    require on the target (markers evaluated for CPython `python` on Linux x86_64)."""
     from packaging.requirements import Requirement
 
     found: dict[str, str] = {}
@@ -82,7 +86,8 @@ def closure(roots: tuple[str, ...]) -> dict[str, str]:
         for text in dist.requires or ():
             sub = Requirement(text)
             extras = req.extras or {""}
-            if sub.marker is None or any(sub.marker.evaluate({**TARGET_MARKERS, "extra": e}) for e in extras):
+            env = {**TARGET_MARKERS, "python_version": python, "python_full_version": f"{python}.0"}
+            if sub.marker is None or any(sub.marker.evaluate({**env, "extra": e}) for e in extras):
                 todo.append(sub)
     return found
 
@@ -95,11 +100,11 @@ def sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def download(pins: dict[str, str], into: str) -> list[str]:
+def download(pins: dict[str, str], into: str, python: str = TARGET_PYTHON) -> list[str]:
     """Downloads one wheel per pin for the target; returns the file names."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-           "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312", "--abi", "abi3",
-           "--abi", "none", *(f"--platform={p}" for p in PLATFORMS), "--platform=any", "-d", into,
+           "--python-version", python, "--implementation", "cp", "--abi", f"cp{python.replace('.', '')}",
+           "--abi", "abi3", "--abi", "none", *(f"--platform={p}" for p in PLATFORMS), "--platform=any", "-d", into,
            *(f"{name}=={version}" for name, version in sorted(pins.items()))]
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
@@ -109,41 +114,40 @@ def download(pins: dict[str, str], into: str) -> list[str]:
 
 
 def pack(wheels_dir: str, data_dir: str, data_files: list[str], out: str, limit: int,
-         pins: dict[str, str], python: str = TARGET_MARKERS["python_version"]) -> dict:
-    """Packs the wheels in `wheels_dir` (one tar, split into chunks) and `data_files` into carries
+         pins: dict[str, str], python: str = TARGET_PYTHON) -> dict:
+    """Packs `data_files` and the wheels in `wheels_dir` (one tar, split into chunks) into carries
     `out`/carry-1, carry-2, ..., each at most `limit` bytes; returns the manifest every carry holds.
-    Chunks fill the carries in order; the data goes with the last chunk if it fits, else alone."""
+    The data goes first, with as much of the tar as fits beside it: the first run on the GPU
+    machine can measure everything but the search."""
     wheels = sorted(f for f in os.listdir(wheels_dir) if f.endswith(".whl"))
     data_bytes = sum(os.path.getsize(os.path.join(data_dir, f)) for f in data_files)
     if data_bytes > limit:
         raise ValueError(f"the data alone ({data_bytes / MIB:.1f} MiB) exceeds the carry limit "
                          f"({limit / MIB:.1f} MiB)")
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(os.path.join(out, "carry-1", "data"))
+    for name in data_files:
+        shutil.copy2(os.path.join(data_dir, name), os.path.join(out, "carry-1", "data"))
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         tar_path = os.path.join(tmp, "wheels.tar")
         with tarfile.open(tar_path, "w") as tar:   # wheels are already compressed
             for name in wheels:
                 tar.add(os.path.join(wheels_dir, name), arcname=name)
         tar_bytes, tar_sha = os.path.getsize(tar_path), sha256(tar_path)
-        chunks, carries = [], []
+        chunks, carries, room = [], ["carry-1"], limit - data_bytes
         with open(tar_path, "rb") as f:
             remaining = tar_bytes
             while remaining:
-                size = min(limit, remaining)
-                name, carry = f"wheels.tar.{len(chunks):03d}", f"carry-{len(carries) + 1}"
-                os.makedirs(os.path.join(out, carry))
-                with open(os.path.join(out, carry, name), "wb") as chunk:
+                if room == 0:
+                    carries.append(f"carry-{len(carries) + 1}")
+                    os.makedirs(os.path.join(out, carries[-1]))
+                    room = limit
+                size = min(room, remaining)
+                name = f"wheels.tar.{len(chunks):03d}"
+                with open(os.path.join(out, carries[-1], name), "wb") as chunk:
                     chunk.write(f.read(size))
-                chunks.append({"name": name, "bytes": size, "carry": carry,
-                               "sha256": sha256(os.path.join(out, carry, name))})
-                carries.append(carry)
-                remaining -= size
-    if not carries or chunks[-1]["bytes"] + data_bytes > limit:
-        carries.append(f"carry-{len(carries) + 1}")
-        os.makedirs(os.path.join(out, carries[-1]))
-    os.makedirs(os.path.join(out, carries[-1], "data"))
-    for name in data_files:
-        shutil.copy2(os.path.join(data_dir, name), os.path.join(out, carries[-1], "data"))
+                chunks.append({"name": name, "bytes": size, "carry": carries[-1],
+                               "sha256": sha256(os.path.join(out, carries[-1], name))})
+                remaining, room = remaining - size, room - size
     manifest = {"python": python, "target": f"CPython {python}, " + ", ".join(PLATFORMS),
                 "wheels": wheels, "pins": pins, "tar_bytes": tar_bytes, "tar_sha256": tar_sha,
                 "chunks": chunks, "data": data_files, "data_bytes": data_bytes, "carries": carries}
@@ -156,18 +160,20 @@ def pack(wheels_dir: str, data_dir: str, data_files: list[str], out: str, limit:
 def prepare(args: argparse.Namespace) -> None:
     if not args.data_dir or not os.path.isfile(os.path.join(args.data_dir, DATA[0])):
         raise SystemExit(f"error: --data-dir {args.data_dir}: expected a folder holding {', '.join(DATA)}")
-    pins = closure(ROOTS)
-    for name in closure(PREINSTALLED):
-        pins.pop(name, None)
+    pins = closure(ROOTS, args.python)
+    for name in closure(PREINSTALLED, args.python):
+        if name not in ALWAYS_CARRY:
+            pins.pop(name, None)
     if os.path.exists(args.out):
         shutil.rmtree(args.out)
     with tempfile.TemporaryDirectory() as wheels_dir:
-        print(f"downloading {len(pins)} wheels for CPython 3.12 manylinux x86_64 ...", flush=True)
-        wheels = download(pins, wheels_dir)
+        print(f"downloading {len(pins)} wheels for CPython {args.python} manylinux x86_64 ...", flush=True)
+        wheels = download(pins, wheels_dir, args.python)
         biggest = sorted(((os.path.getsize(os.path.join(wheels_dir, w)), w) for w in wheels), reverse=True)[:3]
         data_files = [f for f in DATA if os.path.isfile(os.path.join(args.data_dir, f))]
         try:
-            manifest = pack(wheels_dir, args.data_dir, data_files, args.out, int(args.carry_mib * MIB), pins)
+            manifest = pack(wheels_dir, args.data_dir, data_files, args.out, int(args.carry_mib * MIB), pins,
+                            args.python)
         except ValueError as e:
             raise SystemExit(f"error: {e}; raise --carry-mib") from None
     rel = os.path.relpath(args.out, REPO)
@@ -175,11 +181,13 @@ def prepare(args: argparse.Namespace) -> None:
     print(f"wheels: {len(wheels)} files, {manifest['tar_bytes'] / MIB:.1f} MiB; data: {', '.join(data_files)}, "
           f"{manifest['data_bytes'] / MIB:.1f} MiB; total {(manifest['tar_bytes'] + manifest['data_bytes']) / MIB:.1f} "
           f"MiB in {len(manifest['carries'])} carries")
+    last = len(manifest["carries"]) - 1
     for i, carry in enumerate(manifest["carries"]):
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(args.out, carry))
                    for f in files)
-        command = ("python3 bench/gpu_suite.py --json $OUT/gpu-suite.json" if i == len(manifest["carries"]) - 1
-                   else "python3 bench/gpu_suite.py --install-only")
+        command = ("python3 bench/gpu_suite.py --json $OUT/gpu-suite.json   (all but the search)" if i == 0
+                   else "python3 bench/gpu_suite.py --only smoke_search --json $OUT/gpu-suite-search.json"
+                   if i == last else "python3 bench/gpu_suite.py --install-only")
         print(f"  run {i + 1}: carry {rel}/{carry} ({size / MIB:.1f} MiB)  ->  {command}")
 
 
@@ -230,7 +238,8 @@ def install(payload: str = PAYLOAD) -> str:
         carried = os.path.join(payload, chunk["carry"], chunk["name"])
         if not (os.path.exists(kept) and sha256(kept) == chunk["sha256"]) and os.path.exists(carried):
             if sha256(carried) != chunk["sha256"]:
-                raise RuntimeError(f"{chunk['carry']}/{chunk['name']}: sha256 differs from the manifest; carry it again")
+                raise RuntimeError(f"{chunk['carry']}/{chunk['name']}: sha256 differs from the manifest; "
+                                   f"carry it again")
             shutil.copyfile(carried, kept)
         if not os.path.exists(kept):
             missing.append(chunk["carry"])
@@ -278,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--data-dir", default=os.environ.get("TAILTUNE_DATA_DIR"),
                       help="offline archives to copy [env TAILTUNE_DATA_DIR]")
     prep.add_argument("--out", default=PAYLOAD, help="payload folder [.gpu-payload]")
+    prep.add_argument("--python", default=TARGET_PYTHON, help=f"the GPU machine's Python [{TARGET_PYTHON}]")
     prep.add_argument("--carry-mib", type=float, default=60.0,
                       help="most MiB per carry (one transfer, with the code beside it) [60]")
     inst = sub.add_parser("install", help="on the GPU machine: install the carried wheels")

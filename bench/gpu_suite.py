@@ -62,8 +62,9 @@ MODES = {
               "concurrent": (1, 2), "concurrency_epochs": 1, "budget_s": 1500,
               "eval": {"val_per_class": 5, "test_per_class": 3, "val_ood_size": 40, "ood_max_images": 30,
                        "test_ood": ("textures",)},
-              "search": ["--trials", "1", "--epochs", "1", "--imbalance-ratio", "10", "--set", "n_max=20",
-                         "--set", "test_per_class=5", "--set", "ood_max_images=30", "--test-ood", "textures"],
+              "search": ["--trials", "1", "--epochs", "1", "--cpus-per-trial", "1", "--imbalance-ratio", "10",
+                         "--set", "n_max=20", "--set", "test_per_class=5", "--set", "ood_max_images=30",
+                         "--test-ood", "textures"],
               "limits": {"epoch": 300, "evaluation": 300, "concurrency": 300, "compiled": 600,
                          "smoke_search": 400, "rna": 300, "open_sampling": 300}},
 }
@@ -124,7 +125,8 @@ def stage_concurrency(p: dict, out: Callable[[dict], None]) -> None:
     result = {"launcher": "processes (one per trial, all on the one device)", "epochs": p["concurrency_epochs"],
               "rows": []}
     for n in p["concurrent"]:
-        result["rows"].append(concurrency.aggregate(n, concurrency.process_windows(values, n, p["concurrency_epochs"])))
+        windows = concurrency.process_windows(values, n, p["concurrency_epochs"], p["threads"])
+        result["rows"].append(concurrency.aggregate(n, windows))
         out(result)
 
 
@@ -283,7 +285,7 @@ def summarise(stages: dict[str, dict], device: str, quick: bool) -> tuple[dict, 
         summary[f"darl_ratio_{label}_over_reference"] = (side["images_per_second"] / ref["images_per_second"]
                                                          if side and ref else None)
         summary[f"darl_peak_device_mib_{label}"] = side["peak_device_mib"] if side else None
-        summary[f"darl_compile_warmup_s" if label == "compiled" else "darl_warmup_s"] = (
+        summary["darl_compile_warmup_s" if label == "compiled" else "darl_warmup_s"] = (
             side["warmup_seconds"] if side else None)
     summary["reference_epoch_s"] = ref["epoch_seconds_measured"] if ref else None
     summary["reference_epoch_s_full_lt"] = ref["epoch_seconds_full_lt"] if ref else None
@@ -347,10 +349,12 @@ def print_report(report: dict) -> None:
         note = st.get("reason") or st.get("error") or ""
         print(f"{name:<14}{st['status']:<11}{fmt(st.get('seconds'), '.0f'):>6}  {note}")
     print("\nDARL epoch (s, measured set / scaled to the whole LT set), images/s ratio to the reference:")
-    print(f"  reference (DataLoader, fp32 eager)  {fmt(s['reference_epoch_s'])} / {fmt(s['reference_epoch_s_full_lt'])}")
+    print(f"  reference (DataLoader, fp32 eager)  {fmt(s['reference_epoch_s'])} / "
+          f"{fmt(s['reference_epoch_s_full_lt'])}")
     for label in ("eager", "compiled"):
         print(f"  ours {label:<31}{fmt(s[f'darl_epoch_s_{label}'])} / {fmt(s[f'darl_epoch_s_full_lt_{label}'])}"
-              f"   x{fmt(s[f'darl_ratio_{label}_over_reference'])}   peak {fmt(s[f'darl_peak_device_mib_{label}'], ',.0f')} MiB"
+              f"   x{fmt(s[f'darl_ratio_{label}_over_reference'])}"
+              f"   peak {fmt(s[f'darl_peak_device_mib_{label}'], ',.0f')} MiB"
               f"   projected {TRIAL_EPOCHS}-epoch trial {fmt(s[f'projected_trial_min_{label}'], '.1f')} min")
     if s["projection"]:
         print(f"  projection: {s['projection']}")
@@ -361,7 +365,8 @@ def print_report(report: dict) -> None:
             for n, ips in s["concurrency_images_per_s"].items()))
     print(f"RNA epoch {fmt(s['rna_epoch_s'])} s, Open-sampling epoch {fmt(s['open_sampling_epoch_s'])} s (ours, eager)")
     if s["smoke_search"]:
-        print(f"smoke search: exit {s['smoke_search']['returncode']}, {fmt(s['smoke_search']['wall_seconds'], '.0f')} s, "
+        print(f"smoke search: exit {s['smoke_search']['returncode']}, "
+              f"{fmt(s['smoke_search']['wall_seconds'], '.0f')} s, "
               f"trials {s['smoke_search']['states']} on {s['smoke_search']['devices']}, "
               f"{s['smoke_search']['gpus_per_trial']} GPU per trial")
     print("\ntargets:")
@@ -385,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", help="offline archives [env TAILTUNE_DATA_DIR, the carried payload, ../shared/data]")
     p.add_argument("--cache-dir", default=os.environ.get("TAILTUNE_CACHE_DIR"),
                    help="decoded-image cache [env TAILTUNE_CACHE_DIR, ~/.cache/tailtune]")
-    p.add_argument("--threads", type=int, help="torch threads per stage on cpu [torch's default]")
+    p.add_argument("--threads", type=int, help="torch threads per process on cpu [1 with --quick "
+                   "(on a busy machine more threads wait on each other), else torch's default]")
     p.add_argument("--stage", help=argparse.SUPPRESS)
     p.add_argument("--stage-params", help=argparse.SUPPRESS)
     p.add_argument("--stage-out", help=argparse.SUPPRESS)
@@ -429,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = MODES["quick" if args.quick else "full"]
     budget = args.budget_s if args.budget_s is not None else mode["budget_s"]
     params = {"device": args.device, "quick": args.quick, "data_dir": data_dir,
-              "cache_dir": os.path.abspath(args.cache_dir or DEFAULT_CACHE_DIR), "threads": args.threads,
+              "cache_dir": os.path.abspath(args.cache_dir or DEFAULT_CACHE_DIR),
+              "threads": args.threads or (1 if args.quick and args.device == "cpu" else None),
               "compile_mode": args.compile_mode, **{k: mode[k] for k in (
                   "n_max", "set", "batch_size", "repeats", "workers", "concurrent", "concurrency_epochs",
                   "eval", "search")}}
@@ -473,17 +480,17 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "smoke_search":
             missing = importable(SEARCH_PACKAGES, env)
             if missing:
-                reason = (f"needs ray, optuna and mlflow: {missing} (carry the wheels: "
-                          f"bench/gpu_payload.py prepare)")
+                reason = (f"needs ray, optuna and mlflow: {missing} ({payload}; "
+                          f"see bench/gpu_payload.py)")
         remaining = budget - (time.perf_counter() - t0)
         if reason is None and remaining < 20:
             reason = f"the suite's budget ({budget:.0f} s, --budget-s) was spent"
         if reason:
             report["stages"][name] = {"status": "skipped", "reason": reason}
         else:
-            print(f"[{time.perf_counter() - t0:5.0f} s] {name} (limit {min(mode['limits'][name], remaining):.0f} s) ...",
-                  flush=True)
-            report["stages"][name] = run_stage(name, params, min(mode["limits"][name], remaining), logs, env)
+            limit = min(mode["limits"][name], remaining)
+            print(f"[{time.perf_counter() - t0:5.0f} s] {name} (limit {limit:.0f} s) ...", flush=True)
+            report["stages"][name] = run_stage(name, params, limit, logs, env)
         st = report["stages"][name]
         print(f"[{time.perf_counter() - t0:5.0f} s] {name}: {st['status']}"
               + (f" ({st.get('reason') or st.get('error')})" if st["status"] != "ok" else ""), flush=True)

@@ -127,30 +127,34 @@ def test_gpu_payload_packs_into_carries_and_installs_once_all_arrived(tmp_path):
     out = tmp_path / "payload"
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     manifest = payload.pack(str(wheels), str(data), ["cifar10.tar.gz"], str(out), 4000, {"demo": "1.0"}, here)
-    # The tar (~10 KiB) is cut into 4000-byte chunks; the data rides with the last chunk if it fits.
+    # The data (1,500 bytes) goes in carry-1 with the tar's first 2,500 bytes; 4,000 per carry after.
     sizes = [c["bytes"] for c in manifest["chunks"]]
-    assert sum(sizes) == manifest["tar_bytes"] and all(b <= 4000 for b in sizes) and sizes[:-1] == [4000] * (len(sizes) - 1)
-    assert manifest["carries"][-1] == (manifest["chunks"][-1]["carry"] if sizes[-1] + 1500 <= 4000
-                                       else f"carry-{len(sizes) + 1}")
-    assert (out / manifest["carries"][-1] / "data" / "cifar10.tar.gz").exists()
+    assert sum(sizes) == manifest["tar_bytes"] and len(sizes) >= 3
+    assert sizes[0] == 2500 and sizes[1:-1] == [4000] * (len(sizes) - 2) and 0 < sizes[-1] <= 4000
+    assert [c["carry"] for c in manifest["chunks"]] == manifest["carries"] == [
+        f"carry-{i + 1}" for i in range(len(sizes))]
+    assert (out / "carry-1" / "data" / "cifar10.tar.gz").exists()
     for carry in manifest["carries"]:
         total = sum(f.stat().st_size for f in (out / carry).rglob("*") if f.is_file() and f.name != "payload.json")
         assert total <= 4000
 
     # On the GPU machine the carries arrive one run at a time: nothing installs until all are there.
     import shutil
-    last = manifest["carries"][-1]
-    shutil.move(str(out / last), str(tmp_path / "later"))
-    assert payload.install(str(out)) == f"wheels not installed yet: still missing {last}"
-    shutil.move(str(tmp_path / "later"), str(out / last))
-    for carry in manifest["carries"][:-1]:       # earlier carries need not be there any more
-        shutil.rmtree(out / carry)
+    first, later = manifest["carries"][0], manifest["carries"][1:]
+    for carry in later:
+        shutil.move(str(out / carry), str(tmp_path / carry))
+    assert payload.install(str(out)) == f"wheels not installed yet: still missing {', '.join(later)}"
+    assert payload.data_dir(str(out)) == str(out / first / "data")
+    shutil.rmtree(out / first / "data")           # earlier carries' files need not stay: kept in received/
+    for carry in later:
+        shutil.move(str(tmp_path / carry), str(out / carry))
+    shutil.rmtree(out / first)
     assert payload.install(str(out)).startswith("installed 1 wheels")
     site = out / "site"
     assert (site / "demo" / "__init__.py").read_text() == "VALUE = 7\n"
     assert (site / "demo_extra.py").exists() and not (site / "demo-cli").exists()
     assert os.stat(site / "demo" / "tool").st_mode & 0o777 == 0o755
-    assert payload.site_dir(str(out)) == str(site) and payload.data_dir(str(out)) == str(out / last / "data")
+    assert payload.site_dir(str(out)) == str(site)
     assert payload.install(str(out)).startswith("wheels already installed")
 
 
