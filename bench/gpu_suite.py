@@ -55,7 +55,7 @@ MODES = {
              "concurrent": (1, 2, 4, 8), "concurrency_epochs": 2, "eval": {}, "budget_s": 470,
              "search": ["--epochs", "3"],
              "limits": {"epoch": 150, "evaluation": 90, "concurrency": 180, "compiled": 180,
-                        "smoke_search": 180, "rna": 60, "open_sampling": 60}},
+                        "smoke_search": 180, "rna": 90, "open_sampling": 90}},
     # Tiny sizes: every stage's code runs on 2 CPU cores in a few minutes; the numbers mean nothing.
     # Limits are generous: on a shared CPU machine the stages may run many times slower.
     "quick": {"n_max": 10, "set": {"imbalance_ratio": 10}, "batch_size": 8, "repeats": 1, "workers": 0,
