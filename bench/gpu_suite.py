@@ -21,9 +21,9 @@ Stages, in this order (DARL on CIFAR-10-LT IR100, 128 images per stream, unless 
 
 Each stage runs in its own process under a time limit (and the suite under --budget-s); its result
 goes into the JSON as soon as it ends, and a stage that fails or runs out of time is recorded with
-one line and the suite goes on. Each stage's output is in the `<json>-logs` folder. Wheels carried
-in .gpu-payload (bench/gpu_payload.py) are installed first and put on the path. With --device cuda
-the suite stops at once, with one line, if torch sees no CUDA device.
+one line and the suite goes on. Each stage's output is in the `<json>-logs` folder. First of all,
+with --device cuda, the suite stops with one line if torch sees no CUDA device; then wheels carried
+in .gpu-payload (bench/gpu_payload.py) are installed and put on the path.
 """
 from __future__ import annotations
 
@@ -399,13 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage:
         return child(args.stage, args.stage_params, args.stage_out)
 
-    try:
-        payload = gpu_payload.install()
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     if args.install_only:
-        print(payload)
+        try:
+            print(gpu_payload.install())
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         return 0
     if not args.json:
         p.error("--json OUT is required (unless --install-only)")
@@ -415,16 +414,20 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown stage {', '.join(unknown)}; expected some of: {', '.join(STAGES)}")
 
-    site = gpu_payload.site_dir()
-    if site:
-        sys.path.append(site)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [REPO, *filter(None, [os.environ.get("PYTHONPATH"), site])])}
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
         print(f"error: --device cuda but torch {torch.__version__} sees no CUDA device "
               f"(torch.cuda.is_available() is False); run on a GPU machine or pass --device cpu", file=sys.stderr)
         return 2
+    try:
+        payload = gpu_payload.install()
+    except RuntimeError as e:
+        payload = f"wheels not installed: {e}"   # only the search needs them
+    site = gpu_payload.site_dir()
+    if site:
+        sys.path.append(site)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [REPO, *filter(None, [os.environ.get("PYTHONPATH"), site])])}
     data_dir = find_data_dir(args.data_dir)
     if data_dir is None:
         print(f"error: no offline data: --data-dir {args.data_dir} and the defaults (TAILTUNE_DATA_DIR, "

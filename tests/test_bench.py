@@ -62,6 +62,7 @@ def test_gpu_suite_on_cuda_without_cuda_stops_with_one_line(tmp_path):
 
 # The whole suite at its CPU sizes (a few minutes; slower on a loaded machine): every stage's code
 # really runs, including a real search through search/run.py under Ray with sqlite tracking.
+@pytest.mark.integration
 def test_gpu_suite_quick_on_cpu_records_every_stage(data_dir, cache_dir, tmp_path):
     out = tmp_path / "suite.json"
     run = subprocess.run([sys.executable, os.path.join(REPO, "bench", "gpu_suite.py"), "--device", "cpu", "--quick",
