@@ -185,8 +185,8 @@ def prepare(args: argparse.Namespace) -> None:
     for i, carry in enumerate(manifest["carries"]):
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(args.out, carry))
                    for f in files)
-        command = ("python3 bench/gpu_suite.py --json $OUT/gpu-suite.json   (all but the search)" if i == 0
-                   else "python3 bench/gpu_suite.py --only smoke_search --json $OUT/gpu-suite-search.json"
+        command = ("python3 bench/gpu_suite.py --json gpu-suite.json   (all but the search)" if i == 0
+                   else "python3 bench/gpu_suite.py --only smoke_search --json gpu-suite-search.json"
                    if i == last else "python3 bench/gpu_suite.py --install-only")
         print(f"  run {i + 1}: carry {rel}/{carry} ({size / MIB:.1f} MiB)  ->  {command}")
 
