@@ -176,26 +176,29 @@ def test_a_real_trial_with_a_feature_score_runs_end_to_end(score, tiny):
     assert out["posthoc_sweep_ran"] == 0.0 and "posthoc_val_auroc" not in out
 
 
-def test_the_sweep_never_touches_test_sets_and_the_trial_tests_with_its_choice(tiny, tmp_path):
+@pytest.mark.parametrize("score, fields", [("energy", ("ood_energy_temperature",)), ("knn", ("ood_knn_k",))])
+def test_the_sweep_never_touches_test_sets_and_the_trial_tests_with_its_choice(score, fields, tiny, tmp_path):
+    # (ODIN's grid costs 24 passes over validation on a CPU; its sweep is checked point by point on
+    # a small network above.)
     values, prepared = tiny
-    method_cls, cfg = ce_config(values, ood_score="odin", posthoc_sweep=True)
+    method_cls, cfg = ce_config(values, ood_score=score, ood_knn_k=5, posthoc_sweep=True)
     trial = engine.Trial(method_cls, cfg, prepared)
     trial.train_epoch()
     test_x, test_ood_x = trial.test_x, trial.test_ood_x
     trial.test_x, trial.test_ood_x = Untouchable(), [Untouchable()]
     report = trial.posthoc_sweep()
     trial.test_x, trial.test_ood_x = test_x, test_ood_x
-    assert report["posthoc_grid_size"] == 24 and report["posthoc_sweep_ran"] == 1.0
-    chosen = (report["posthoc_odin_temperature"], report["posthoc_odin_eps"])
-    assert chosen in {(p["odin_temperature"], p["odin_eps"]) for p in posthoc.grid(cfg, 100)}
-    assert (trial.cfg.odin_temperature, trial.cfg.odin_eps) == chosen == \
-        (trial.method.cfg.odin_temperature, trial.method.cfg.odin_eps)
-    # The chosen point's validation AUROC is what validation now measures with the trial's score.
+    points = posthoc.grid(cfg, len(prepared.id.train))
+    assert report["posthoc_grid_size"] == len(points) > 1 and report["posthoc_sweep_ran"] == 1.0
+    chosen = {f: report[f"posthoc_{f}"] for f in fields}
+    assert chosen in points
+    assert {f: getattr(trial.cfg, f) for f in fields} == chosen == {f: getattr(trial.method.cfg, f) for f in fields}
+    # Validation with the trial's score now measures the chosen point's AUROC.
     assert trial.validate()[0]["val_auroc"] == pytest.approx(report["posthoc_val_auroc"], abs=1e-9)
     trial.save(str(tmp_path), {}, None)
     with open(tmp_path / engine.META_FILE) as f:
         saved = json.load(f)["config"]
-    assert (saved["odin_temperature"], saved["odin_eps"]) == chosen
+    assert {f: saved[f] for f in fields} == chosen
 
 
 def test_fit_with_the_sweep_reports_the_chosen_values(tiny, tmp_path):
