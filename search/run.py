@@ -108,6 +108,13 @@ def list_methods() -> None:
         width = max(len(p) for p in space.distributions)
         for param, dist in space.distributions.items():
             print(f"  {param:<{width}}  {spaces.describe(dist):<34} paper {space.paper_point.get(param)}")
+    from trainables import posthoc, scores
+    print(f"\nOOD scores, any method (--set ood_score=NAME; default: the method's own, rna's is rn): "
+          f"{', '.join(scores.NAMES)}")
+    print("  --set posthoc_sweep=true tunes the score on validation ID vs validation OOD after the last "
+          "epoch, over:")
+    for name, grid in posthoc.GRIDS.items():
+        print(f"  {name:<7} " + " x ".join(f"{field} {list(values)}" for field, values in grid.items()))
 
 
 def dataset_tag(dataset: str, ir: float) -> str:

@@ -73,6 +73,8 @@ def test_list_shows_every_space(capsys):
     assert run.main(["--list"]) == 0
     out = capsys.readouterr().out
     assert "darl:" in out and "tau_energy" in out and "log-uniform [0.1, 100]" in out
+    assert "knn, mahalanobis, mahalanobis_pp, react" in out and "posthoc_sweep=true" in out
+    assert "ood_react_percentile [80.0, 85.0, 90.0, 95.0, 99.0]" in out
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -37,5 +37,21 @@ def test_confidence_dispatch_and_unknown_name():
     fn = lambda t: t.flatten(1)  # noqa: E731
     x = torch.tensor([[[[1.0]], [[3.0]]]])
     assert float(scores.confidence("max_logit", fn, x)) == 3.0
-    with pytest.raises(ValueError, match="unknown OOD score 'mahalanobis'"):
+    with pytest.raises(ValueError, match="unknown OOD score 'gram'"):
+        scores.confidence("gram", fn, x)
+    with pytest.raises(ValueError, match="OOD score 'mahalanobis' needs features and fitted training"):
         scores.confidence("mahalanobis", fn, x)
+
+
+def test_odin_grid_matches_odin_point_by_point():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    x = torch.randn(5, 3, 2, 2)
+    grid = scores.odin_grid(net, x, [1.0, 1000.0], [0.0, 0.0014, 0.01], std=(0.5, 0.25, 1.0))
+    assert sorted(grid) == [(1.0, 0.0), (1.0, 0.0014), (1.0, 0.01), (1000.0, 0.0), (1000.0, 0.0014),
+                            (1000.0, 0.01)]
+    for (t, eps), conf in grid.items():
+        assert torch.equal(conf, scores.odin(net, x, temperature=t, eps=eps, std=(0.5, 0.25, 1.0)))
+    # eps = 0 is temperature-scaled log max-softmax of the clean logits.
+    z = net(x).double()
+    assert torch.allclose(grid[(1.0, 0.0)], torch.log_softmax(z, -1).max(-1).values)

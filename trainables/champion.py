@@ -34,6 +34,9 @@ class Champion(mlflow.pyfunc.PythonModel):
         state = torch.load(context.artifacts["state"], map_location=self.device)
         self.model.load_state_dict(state["model"])
         self.method.load_state_dict(state.get("method", {}))
+        # A feature-based score's training statistics (kNN bank, class means and precision, ReAct's
+        # clip) travel in the checkpoint; the config carries the parameters a post-hoc sweep chose.
+        self.method.detector = state.get("detector")
         self.model.eval()
         self.class_names = meta["class_names"]
         self.threshold = float(meta["val_confidence_threshold95"])

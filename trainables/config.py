@@ -74,6 +74,12 @@ class TrainConfig:
     ood_score: str = "odin"
     odin_temperature: float = 1000.0
     odin_eps: float = 0.0014
+    ood_energy_temperature: float = 1.0   # T of the energy score and of ReAct's energy
+    ood_knn_k: int = 50                   # k of the kNN score (Sun et al. 2022: 50 on CIFAR-10)
+    ood_react_percentile: float = 90.0    # ReAct's clip: this percentile of training activations
+    # After the last epoch, tune the score's parameters on validation ID vs validation OOD (never a
+    # test set) and test with the best (trainables.posthoc). Off: each paper's fixed values.
+    posthoc_sweep: bool = False
     eval_batch_size: int = 500
     eval_every: int = 1                 # validate (and report) every N epochs, and at the last
     checkpoint_every: int = 1           # in reported epochs
@@ -95,12 +101,18 @@ class TrainConfig:
                                       ("precision", self.precision, ("auto", "fp32", "bf16")),
                                       ("channels_last", self.channels_last, ("auto", True, False)),
                                       ("fused_optimizer", self.fused_optimizer, ("auto", True, False)),
-                                      ("compile", self.compile, COMPILE_MODES)):
+                                      ("compile", self.compile, COMPILE_MODES),
+                                      ("posthoc_sweep", self.posthoc_sweep, (True, False))):
             if (type(value), value) not in {(type(a), a) for a in accepted}:   # 1 is not True here
                 raise ValueError(f"{name}={value!r}; accepted: {', '.join(map(str, accepted))}")
-        for name in ("eval_every", "checkpoint_every", "batch_size", "eval_batch_size"):
+        for name in ("eval_every", "checkpoint_every", "batch_size", "eval_batch_size", "ood_knn_k"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected an integer >= 1")
+        if not self.ood_energy_temperature > 0:
+            raise ValueError(f"ood_energy_temperature={self.ood_energy_temperature!r}; expected a number > 0")
+        if not 0 < self.ood_react_percentile <= 100:
+            raise ValueError(f"ood_react_percentile={self.ood_react_percentile!r}; expected a percentile "
+                             f"in (0, 100]")
 
     def speed(self, device_type: str) -> dict[str, Any]:
         """Returns the speed settings resolved for a device type ("cuda", "cpu"): "auto" is on

@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from trainables import augment, data, metrics
+from trainables import augment, data, metrics, posthoc
 from trainables.config import TrainConfig
 from trainables.method import Batch, TrainData  # noqa: F401  (Batch is re-exported)
 
@@ -46,6 +46,7 @@ class Prepared:
                 "fpr_conventions": metrics.FPR_CONVENTIONS,
                 "aupr_convention": metrics.AUPR_CONVENTION,
                 "val_objective": "val_score = (val_acc + val_auroc) / 2; val_auroc = mean over val_ood_sets",
+                "posthoc_rule": posthoc.RULE,
                 **self.outlier_record}
 
     @property
@@ -180,6 +181,7 @@ class Trial:
         self.groups = metrics.class_groups(ident.counts)
         self.pascl_groups = metrics.pascl_shot_groups(ident.counts)
         self.epoch = 0
+        self._detector_fitted_for = None
 
     # -- training ---------------------------------------------------------------------------
     def transform(self, x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -242,8 +244,26 @@ class Trial:
     def infer(self, images: torch.Tensor, with_logits: bool) -> tuple[np.ndarray | None, np.ndarray]:
         return infer(self.method, self.model, images, self.cfg.eval_batch_size, with_logits)
 
+    def fit_detector(self) -> None:
+        """Fits a feature-based score's statistics on the training images for the current weights
+        and score parameters (once per epoch and parameters); nothing for logit-based scores."""
+        key = (self.epoch, repr(self.method.score_params()))
+        if key != self._detector_fitted_for:
+            self.method.fit_detector(self.model, self.train_x, self.train_y, self.cfg.eval_batch_size)
+            self._detector_fitted_for = key
+
+    def posthoc_sweep(self) -> dict[str, float]:
+        """Tunes the score's parameters on validation ID vs validation OOD (trainables.posthoc);
+        the trial tests and saves with the chosen values. Returns the metrics to report."""
+        started = time.perf_counter()
+        result = posthoc.sweep(self.method, self.model, self.train_x, self.train_y, self.val_x,
+                               self.val_ood_x, self.cfg.eval_batch_size)
+        self.cfg = self.method.cfg
+        return {**result.report, "posthoc_seconds": time.perf_counter() - started}
+
     def validate(self) -> tuple[dict[str, float], float]:
         """Returns (val metrics, the confidence threshold keeping 95% of validation ID)."""
+        self.fit_detector()
         logits, conf_id = self.infer(self.val_x, with_logits=True)
         acc = float((logits.argmax(1) == self.prepared.id.val.y).mean())  # balanced set
         aurocs = {s.name: metrics.auroc(conf_id, self.infer(x, False)[1])
@@ -256,6 +276,7 @@ class Trial:
     def test(self) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """Returns (test metrics, per-sample arrays): ACC by group, per-set and averaged OOD metrics."""
         y = self.prepared.id.test.y
+        self.fit_detector()
         logits, conf_id = self.infer(self.test_x, with_logits=True)
         pred = logits.argmax(1)
         out = {f"test_{k}": v for k, v in metrics.accuracy_by_group(pred, y, self.groups).items()}
@@ -278,7 +299,8 @@ class Trial:
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, directory: str, extra_meta: dict[str, Any], arrays: dict[str, np.ndarray] | None) -> None:
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "method": self.method.state_dict(), "epoch": self.epoch},
+                    "method": self.method.state_dict(), "epoch": self.epoch,
+                    "detector": self.method.detector},
                    os.path.join(directory, STATE_FILE))
         meta = {"method": self.method.name, "config": self.cfg.to_dict(), "epoch": self.epoch,
                 "counts": self.prepared.id.counts, "class_names": self.prepared.id.class_names,
@@ -293,6 +315,7 @@ class Trial:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state.get("method", {}))
+        self.method.detector = state.get("detector")
         self.epoch = state["epoch"]
 
 
@@ -323,6 +346,13 @@ def fit(method_cls, cfg: TrainConfig, reporter: Reporter, prepared: Prepared | N
                     eval_seconds=now - trained, **trial.resolved)
         arrays = None
         if final:
+            # Tuned on validation only; the reported val_* stay the configured score's, so every
+            # epoch's val_score (what the search compares) is measured the same way.
+            if cfg.posthoc_sweep:
+                last.update(trial.posthoc_sweep())
+                threshold = trial.validate()[1]   # the champion's threshold, at the chosen values
+            else:
+                last["posthoc_sweep_ran"] = 0.0
             test, arrays = trial.test()
             last.update(test)
         # Counted from the epoch, so a resumed trial keeps the same checkpoint epochs.

@@ -17,7 +17,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from trainables import augment, scores
+from trainables import augment, detectors, scores
 from trainables.config import TrainConfig
 
 
@@ -54,7 +54,8 @@ class TrainData:
 
 class Method(abc.ABC):
     """Defaults: SGD from the config, crop/flip/cutout + CIFAR normalisation, mean-of-experts
-    logits at test time, and `cfg.ood_score` (msp, energy, max_logit, odin) on those logits."""
+    logits at test time, and `cfg.ood_score` on those logits (msp, energy, max_logit, odin) or on
+    the penultimate features (knn, mahalanobis, mahalanobis_pp, react; `fit_detector` first)."""
 
     config_cls = TrainConfig
     name = "base"
@@ -67,6 +68,10 @@ class Method(abc.ABC):
     augment_rule = augment.AUGMENT_RULE
     input_rule = f"mean {augment.CIFAR_MEAN} std {augment.CIFAR_STD} (CIFAR-10, all sets)"
     compilable = True              # the engine may torch.compile the model passed to `loss`
+    odin_std = augment.CIFAR_STD   # ODIN's step is in pixel units, divided by the input std
+    # Training statistics of a feature-based cfg.ood_score (trainables.detectors), set by
+    # `fit_detector`; a checkpoint carries them, so a loaded champion scores without refitting.
+    detector: dict[str, torch.Tensor] | None = None
 
     def __init__(self, cfg: TrainConfig, counts: list[int], device: torch.device):
         self.cfg, self.counts, self.device = cfg, list(counts), device
@@ -123,11 +128,54 @@ class Method(abc.ABC):
         """Returns the test-time class logits [B, C]: the mean over experts, no adjustment."""
         return model(x)[0].mean(0)
 
+    def features(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Returns the penultimate features [K, B, d] (per expert; the detectors concatenate them)."""
+        return model(x)[1]
+
+    def classify(self, model: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
+        """Returns the test-time logits [B, C] of features [K, B, d]: each expert's classifier on its
+        own features, averaged (`logits` on the same images, when the features are not altered)."""
+        heads = classifier_heads(model)
+        return torch.stack([head(f) for head, f in zip(heads, feats)]).mean(0)
+
+    def score_params(self) -> dict:
+        """Returns the parameters of cfg.ood_score, read from the config (the post-hoc sweep
+        replaces the config with the values it chose)."""
+        cfg = self.cfg
+        return {"odin": {"temperature": cfg.odin_temperature, "eps": cfg.odin_eps, "std": self.odin_std},
+                "energy": {"temperature": cfg.ood_energy_temperature},
+                "knn": {"k": cfg.ood_knn_k},
+                "react": {"percentile": cfg.ood_react_percentile, "temperature": cfg.ood_energy_temperature},
+                }.get(cfg.ood_score, {})
+
     def confidence(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Returns the test-time OOD confidence [B] (higher = more in-distribution)."""
-        params = ({"temperature": self.cfg.odin_temperature, "eps": self.cfg.odin_eps}
-                  if self.cfg.ood_score == "odin" else {})
-        return scores.confidence(self.cfg.ood_score, partial(self.logits, model), x, **params)
+        name = self.cfg.ood_score
+        if name in detectors.NAMES:
+            if self.detector is None:
+                raise RuntimeError(f"ood_score={name!r} scores against training statistics; call "
+                                   f"fit_detector after training, before scoring")
+            with torch.no_grad():
+                return detectors.confidence(name, self.detector, self.features(model, x),
+                                            partial(self.classify, model), **self.score_params())
+        return scores.confidence(name, partial(self.logits, model), x, **self.score_params())
+
+    def embed(self, model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Returns the eval-mode penultimate features [K, N, d] of uint8 images [N, 3, H, W]."""
+        model.eval()
+        with torch.no_grad():
+            return torch.cat([self.features(model, self.eval_transform(images[i:i + batch_size]))
+                              for i in range(0, len(images), batch_size)], dim=1)
+
+    def fit_detector(self, model: torch.nn.Module, train_x: torch.Tensor, train_y: torch.Tensor,
+                     batch_size: int) -> None:
+        """Fits cfg.ood_score's statistics on the ID training images (uint8, eval transform), if
+        it is a feature-based score; clears them otherwise."""
+        name = self.cfg.ood_score
+        self.detector = None
+        if name in detectors.NAMES:
+            self.detector = detectors.fit(name, self.embed(model, train_x, batch_size), train_y,
+                                          self.num_classes, **self.score_params())
 
     # -- extra state (beyond model and optimiser) ------------------------------------------
     def state_dict(self) -> dict:
@@ -136,3 +184,15 @@ class Method(abc.ABC):
 
     def load_state_dict(self, state: dict) -> None:
         """Restores what `state_dict` returned."""
+
+
+def classifier_heads(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Returns the model's classifier per expert: `classifiers` (LGLA) or `classifier`, on the
+    model or on its `backbone` (a model that wraps one, like PASCL's)."""
+    for m in (model, getattr(model, "backbone", None)):
+        if hasattr(m, "classifiers"):
+            return list(m.classifiers)
+        if hasattr(m, "classifier"):
+            return [m.classifier]
+    raise ValueError(f"ood_score=react recomputes logits from clipped features, but "
+                     f"{type(model).__name__} exposes no `classifier` or `classifiers`")

@@ -51,7 +51,7 @@ class RnaConfig(TrainConfig):
     lr_schedule: str = "cosine"
     warmup_epochs: int = 0
     batch_size: int = 128
-    ood_score: str = "rn"                # ||f_θ(x)||_2; also msp | energy | max_logit | odin
+    ood_score: str = "rn"                # ||f_θ(x)||_2; also any of scores.NAMES
     lambda_rna: float = 0.5              # λ, weight of L_RNA (Eq. 8)
     tau_la: float = 1.0                  # τ, logit-adjustment scale (Eq. 2)
     bn_affine_shortcut: bool = True      # official code: the 3 shortcut BNs keep γ, β (spec A1)
@@ -87,6 +87,7 @@ class Method(BaseMethod):
     augment_rule = ("random crop 32 with 4-px zero padding, horizontal flip p=0.5, ColorJitter(0.4, 0.4, "
                     "0.4, 0.1) p=0.8, grayscale p=0.2 (batched, torchvision tensor maths); ID and outliers")
     input_rule = "x / 255, no mean/std normalisation (RNA's CIFAR code)"
+    odin_std = (1.0, 1.0, 1.0)            # inputs are raw [0, 1] pixels: ODIN's step is not rescaled
 
     def __init__(self, cfg: RnaConfig, counts: list[int], device: torch.device):
         super().__init__(cfg, counts, device)
@@ -126,10 +127,6 @@ class Method(BaseMethod):
         if self.cfg.ood_score == "rn":
             with torch.no_grad():
                 return representation_norm(model(x)[1][0])
-        if self.cfg.ood_score == "odin":     # inputs are raw [0, 1] pixels: no division by a std
-            return scores.confidence("odin", lambda z: self.logits(model, z), x,
-                                     temperature=self.cfg.odin_temperature, eps=self.cfg.odin_eps,
-                                     std=(1.0, 1.0, 1.0))
         return super().confidence(model, x)
 
 
