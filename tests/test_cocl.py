@@ -11,7 +11,6 @@ from trainables.cocl import (CoclConfig, CoclResNet32, Method, calibrated_logits
                              head_classes, head_triplet_loss, outlier_class_loss, split_normalize,
                              tail_prototype_loss)
 from trainables.engine import Batch
-from trainables.method import TrainData
 from trainables.pascl import tail_classes
 
 CIFAR10_IR100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
