@@ -10,6 +10,7 @@ Every model returns the same thing, so methods never branch on the architecture:
 Registered:
 - "resnet32": the LDAM-DRW CIFAR ResNet-32 (BasicBlocks [5, 5, 5], widths 16/32/64, option-A
   zero-pad shortcuts, GAP) with a linear or cosine classifier.
+- "resnet32_multihead": the same ResNet-32 with K linear heads on one feature (EAT).
 - "lgla_resnet32": LGLA's K-expert ResNet-32 (DARL spec §3.0): a shared stem + layer1, then
   layer2/layer3 as grouped convolutions (groups = K) over K tiled copies, one cosine classifier
   per expert. Parameter count 1,344,784 (C=10, K=3) and 1,362,064 (C=100, K=3), as in LGLA.
@@ -164,6 +165,29 @@ class ResNet32(nn.Module):
         return logits.unsqueeze(0), feats.unsqueeze(0)
 
 
+class MultiHeadResNet32(ResNet32):
+    """ResNet-32 with K linear classifiers on one shared 64-d feature (EAT's multi-head model).
+
+    forward(x) returns (logits [K, B, C], feats [K, B, 64]): one row of logits per head and the
+    same features repeated along the head axis, so the model contract's expert axis holds heads.
+    """
+
+    def __init__(self, num_classes: int, num_heads: int = 3):
+        super().__init__(num_classes)
+        if num_heads < 1:
+            raise ValueError(f"num_heads={num_heads}; accepted: an integer >= 1")
+        del self.classifier
+        self.num_experts = num_heads
+        self.heads = nn.ModuleList(nn.Linear(64, num_classes) for _ in range(num_heads))
+        self.heads.apply(_kaiming_init)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = F.relu(self.bn1(self.conv1(x)))
+        feats = _gap(self.layer3(self.layer2(self.layer1(out))))           # [B, 64]
+        logits = torch.stack([head(feats) for head in self.heads])         # [K, B, C]
+        return logits, feats.unsqueeze(0).expand(len(self.heads), -1, -1)
+
+
 class LGLAResNet32(nn.Module):
     """LGLA's K-expert CIFAR ResNet-32 (DARL spec §3.0).
 
@@ -288,6 +312,7 @@ class RNAResNet18(nn.Module):
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet32": ResNet32,
+    "resnet32_multihead": MultiHeadResNet32,
     "lgla_resnet32": LGLAResNet32,
     "resnet18_rna": RNAResNet18,
 }
@@ -303,7 +328,8 @@ def create(name: str, num_classes: int, **kwargs) -> nn.Module:
 
     kwargs go to the model: resnet32 takes classifier="linear"|"cosine", cos_scale;
     lgla_resnet32 takes num_experts, expert_shortcut="lgla_concat"|"per_expert", cos_scale;
-    resnet18_rna takes shortcut_bn_affine, projection="mlp"|"linear"|"none", proj_dim.
+    resnet18_rna takes shortcut_bn_affine, projection="mlp"|"linear"|"none", proj_dim;
+    resnet32_multihead takes num_heads.
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered models: {names()}")

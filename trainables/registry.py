@@ -16,6 +16,8 @@ _METHODS = {
     "oe": "trainables.baselines:OutlierExposure",
     "energy_oe": "trainables.baselines:EnergyOE",
     "pascl": "trainables.pascl:Method",
+    "cocl": "trainables.cocl:Method",
+    "eat": "trainables.eat:Method",
 }
 
 
