@@ -260,6 +260,12 @@ class Method(BaseMethod):
         """Returns the first C OLC logits [B, C]: the ID prediction ignores the outlier class."""
         return self.calibrated(model, x)[:, :self.num_classes]
 
+    def classify(self, model: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
+        """Returns `logits` from features [1, B, 64] (ReAct clips them first): the classifier, OLC,
+        the first C columns."""
+        z = model.backbone.classifier(feats[0])
+        return calibrated_logits(z, self.prior_log, self.cfg.tau_olc)[:, :self.num_classes]
+
     def confidence(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Returns -P(outlier class | OLC logits) [B] for ood_score "outlier_class", else the named
         score on the C calibrated ID logits."""

@@ -242,6 +242,12 @@ class Method(BaseMethod):
         probs = model(x)[0].float().softmax(-1).mean(0)
         return probs[:, :self.num_classes].clamp(min=1e-30).log()
 
+    def classify(self, model: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
+        """Returns `logits` from features [K, B, 64] (ReAct clips them first): each head on its
+        copy of the shared feature, the heads' mean softmax over the C ID columns, logged."""
+        probs = torch.stack([head(f) for head, f in zip(model.heads, feats)]).float().softmax(-1).mean(0)
+        return probs[:, :self.num_classes].clamp(min=1e-30).log()
+
     def confidence(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Returns -(summed abstention probability) [B] for ood_score "abstention", else the named
         score on `logits`."""
