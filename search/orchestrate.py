@@ -316,9 +316,8 @@ def find_child(client: MlflowClient, state: dict, trial_id: str) -> str:
 def print_summary(table: pd.DataFrame, best: dict, state: dict, version: int) -> None:
     counts = table["state"].value_counts().to_dict()
     print(f"\ntrials: {len(table)} ({', '.join(f'{v} {k}' for k, v in counts.items())})")
-    print(f"champion: trial {best['trial_id']}, by {METRIC} at the final epoch of a completed trial "
-          f"(pruned trials never count)")
-    print("  validation picks it; test metrics are reported, never searched on")
+    print(f"champion: trial {best['trial_id']}, the best {METRIC} at the final epoch of a completed trial")
+    print("  (pruned trials never count; validation picks it, test metrics are only reported)")
     width = max(len(k) for k in best)
     for k, v in best.items():
         text = f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -326,4 +325,4 @@ def print_summary(table: pd.DataFrame, best: dict, state: dict, version: int) ->
     print(f"registered: models:/{state['model_name']}@champion (version {version})")
     print(f"report:     report.html in the parent run {state['parent_run_id']}")
     print("pull it:")
-    print(f"  python search/pull.py {state['model_name']} IMAGES.npy --tracking-uri {state['tracking_uri']}")
+    print(f"  python search/pull.py {state['model_name']} IMAGES.npy \\\n    --tracking-uri {state['tracking_uri']}")

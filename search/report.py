@@ -21,6 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 from optuna.visualization import matplotlib as ovm  # noqa: E402
@@ -90,7 +91,8 @@ def curves_figure(trials: list[dict], champion: str | None):
                 label=f"{t['trial_id']} ({t['state']}{', champion' if t['trial_id'] == champion else ''})")
     ax.set_xlabel("epoch")
     ax.set_ylabel(METRIC)
-    ax.legend(fontsize=7, ncol=2)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(alpha=0.3)
     return fig
 

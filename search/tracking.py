@@ -224,9 +224,9 @@ def summary_items(state: dict, table, best: dict | None, protocol_text: str, bes
     if best is None:
         items.append(("champion", "none: no trial completed", None))
     else:
-        items.append(("champion", f"trial {best['trial_id']}: val_score {best['val_score']:.4f}, "
-                                  f"test_acc {best['test_acc']:.4f}, test_auroc {best['test_auroc']:.4f}, "
-                                  f"test_fpr95 {best['test_fpr95']:.4f}",
+        scores = ", ".join(f"{k} {best[k]:.4f}" for k in ("val_score", "test_acc", "test_auroc", "test_fpr95")
+                           if best.get(k) is not None)
+        items.append(("champion", f"trial {best['trial_id']}: {scores}",
                       ui_link(uri, f"{experiment}/runs/{best_run}")))
         if version is not None:
             items.append(("registered model", f"models:/{state['model_name']}/{version} (alias champion)",
