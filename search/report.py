@@ -59,7 +59,7 @@ def objective_figure(trials: list[dict], champion: str | None):
     (partial, not comparable) epoch, failed at the bottom; the champion starred."""
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for state, marker in (("completed", "o"), ("pruned", "v"), ("failed", "x")):
-        points = [(i, t["metrics"].get(METRIC) if t["metrics"].get(METRIC) is not None else 0.0)
+        points = [(i, 0.0 if state == "failed" or t["metrics"].get(METRIC) is None else t["metrics"][METRIC])
                   for i, t in enumerate(trials) if t["state"] == state]
         if points:
             label = {"completed": "completed (final epoch)", "pruned": "pruned (last epoch, partial)",
