@@ -61,9 +61,15 @@ class Progress(tune.Callback):
         self.best: tuple[float, str] | None = None
         self.started = time.time()
         self.first_start: float | None = None
+        self.epochs_before = 0                    # epochs done before a resume (not timed here)
         print(f"live lines: [elapsed] trial epoch/{epochs}: {metric} | trials done, pruned | ETA | "
               f"best final {metric}", flush=True)
         print(textwrap.fill(CHAMPION_RULE, WIDTH, subsequent_indent="  "), flush=True)
+
+    def __setstate__(self, state: dict) -> None:   # a resumed search: time from now on
+        self.__dict__.update(state)
+        self.started, self.first_start = time.time(), None
+        self.epochs_before = sum(self.epochs_seen.values())
 
     def remaining_epochs(self) -> int:
         """Epochs left if every unfinished trial (started or not) runs to its last epoch."""
@@ -72,8 +78,8 @@ class Progress(tune.Callback):
         return sum(self.epochs - self.epochs_seen[t] for t in running) + unstarted * self.epochs
 
     def eta(self, now: float | None = None) -> str:
-        done = sum(self.epochs_seen.values())
-        if not done or self.first_start is None:
+        done = sum(self.epochs_seen.values()) - self.epochs_before
+        if done <= 0 or self.first_start is None:
             return "ETA -"
         rate = done / ((now or time.time()) - self.first_start)   # epochs per second, all trials together
         return f"ETA {clock(self.remaining_epochs() / rate)}"
