@@ -24,13 +24,15 @@ WIDTH = 100
 def quiet() -> None:
     """Hides the frameworks' start-up and bookkeeping messages, which `--verbose` keeps: Ray's
     "Started a local Ray instance" and token-auth notice, Tune's experiment box and result-file
-    notes, MLflow's database and signature INFO lines, Optuna's study creation. Their other
+    notes, MLflow's database and signature INFO lines and its "View run" links, Optuna's study
+    creation. Their other
     warnings and errors still show."""
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"   # Tune's classic reporter prints nothing at verbose=0
     logging.getLogger("ray").setLevel(logging.WARNING)
     # Ray 2.60 warns on every start that token auth is on (it is, on purpose: see the README).
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"   # "View run ... at:" per ended run
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 

@@ -102,10 +102,16 @@ def optuna_figures(study: optuna.Study, multi: bool) -> tuple[dict, dict[str, st
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     target = (lambda t: t.user_attrs[METRIC]) if multi else None
     completed = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    # A parameter every completed trial sampled alike (e.g. a one-choice K) has no axis to draw.
+    varied = [k for k in (completed[0].params if completed else {})
+              if len({repr(t.params[k]) for t in completed}) > 1]
     makers = {"history.png": lambda: ovm.plot_optimization_history(study, target=target, target_name=METRIC),
               "parallel_coordinates.png": lambda: ovm.plot_parallel_coordinate(
-                  study, target=target, target_name=METRIC)}
+                  study, params=varied, target=target, target_name=METRIC)}
     notes = {}
+    if completed and not varied:
+        del makers["parallel_coordinates.png"]
+        notes["parallel_coordinates.png"] = "Every completed trial sampled the same values: no axes to draw."
     if len(completed) >= MIN_TRIALS_FOR_IMPORTANCE:
         # fANOVA explicitly: Optuna 5's default (PED-ANOVA) ranks parameters for *low* values.
         makers["importances.png"] = lambda: ovm.plot_param_importances(
@@ -208,7 +214,8 @@ def write(out_dir: str, trials: list[dict], space: dict, multi: bool, info: dict
         section("Learning curves (intermediate values)", images["learning_curves.png"],
                 f"{METRIC} per validated epoch; dashed lines are pruned trials.", "curves"),
         section("Parallel coordinates of the searched parameters", images.get("parallel_coordinates.png"),
-                notes.get("parallel_coordinates.png", "Completed trials, coloured by final " + METRIC),
+                notes.get("parallel_coordinates.png", "Completed trials over the parameters they varied, "
+                          "coloured by final " + METRIC),
                 "parallel"),
         section("Parameter importances", images.get("importances.png"),
                 notes.get("importances.png", f"Optuna's fANOVA importances for the final {METRIC}."),
