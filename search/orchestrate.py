@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
 import tempfile
-import warnings
 
 import mlflow
 import numpy as np
 import optuna
 import pandas as pd
 import ray
+from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from optuna.distributions import distribution_to_json, json_to_distribution
 from ray import tune
@@ -21,10 +22,10 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 import spaces
-from search import tracking
+from search import progress, report, tracking
 from search.progress import Progress
 from search.run import METRIC, STATE_FILE, dataset_tag, default_name
-from trainables import engine, registry
+from trainables import data, engine, registry
 
 # Per-epoch checkpoints are small; Tune's warning about frequent snapshots is noise here.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -47,12 +48,12 @@ def make_trainable(method: str, fixed: dict):
     return train
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, logging_level: int = logging.INFO) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level=logging_level)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 object_store_memory=256 * 2**20)
+                 object_store_memory=256 * 2**20, logging_level=logging_level)
 
 
 def resources(args: argparse.Namespace, budget: dict) -> dict[str, float]:
@@ -73,7 +74,10 @@ def resources(args: argparse.Namespace, budget: dict) -> dict[str, float]:
 def connect(args: argparse.Namespace, budget: dict) -> dict[str, float] | None:
     """Starts or joins Ray; returns per-trial resources, or None after a one-line error if the
     cluster cannot meet them."""
-    init_ray(args.address)
+    verbose = getattr(args, "verbose", False)
+    if not verbose:
+        progress.quiet()
+    init_ray(args.address, logging.INFO if verbose else logging.WARNING)
     try:
         return resources(args, budget)
     except ValueError as e:
@@ -131,7 +135,8 @@ def start(plan: dict, record: dict[str, str], args: argparse.Namespace) -> int:
              "finalized": False}
     print(f"search {name}: {budget['trials']} trials x {budget['epochs']} epochs, sampler "
           f"{plan['sampler']}, ASHA grace {budget['grace_period']} rf {budget['reduction_factor']:g}")
-    print(f"tracking: {uri}  experiment tailtune/{method}/{tag}  parent run {parent.info.run_id}")
+    print(f"tracking:   {uri}")
+    print(f"experiment: tailtune/{method}/{tag}, parent run {parent.info.run_id}")
     try:
         tuner = tune.Tuner(
             tune.with_resources(make_trainable(method, plan["config"]), per_trial),
@@ -151,8 +156,8 @@ def start(plan: dict, record: dict[str, str], args: argparse.Namespace) -> int:
                            Progress(METRIC, budget["epochs"], budget["trials"])]))
         os.makedirs(path, exist_ok=True)
         save_state(path, state)
-        print(f"resources per trial: {per_trial}; resume later with: "
-              f"python search/run.py {method} --resume {name}")
+        print(f"resources per trial: {per_trial}")
+        print(f"resume later with: python search/run.py {method} --resume {name}")
         results = tuner.fit()
         return conclude(state, path, results)
     finally:
@@ -202,11 +207,12 @@ def interrupted(results, trials: int) -> bool:
 
 
 def conclude(state: dict, path: str, results) -> int:
-    """Logs the search's results to MLflow (trials CSV, plots, champion) and prints the summary."""
+    """Picks the champion, registers it, logs the trials CSV, the report and the plots to the
+    parent run with its description, and prints the summary."""
     budget = state["budget"]
     if interrupted(results, budget["trials"]):
-        print(f"search interrupted; its state is saved. Continue with: "
-              f"python search/run.py {state['method']} --resume {state['name']}")
+        print(f"search interrupted; its state is saved. Continue with:\n"
+              f"  python search/run.py {state['method']} --resume {state['name']}")
         return 130
     mlflow.set_tracking_uri(state["tracking_uri"])
     client = MlflowClient(state["tracking_uri"])
@@ -214,23 +220,41 @@ def conclude(state: dict, path: str, results) -> int:
     space = {k: json_to_distribution(v) for k, v in state["space"].items()}
     rows = trial_rows(results, budget["epochs"], list(space))
     table = pd.DataFrame([row for row, _ in rows])
+    # The champion rule: the best val_score at the final epoch of a completed trial. Tune keeps
+    # each trial's last checkpoint only, and the test metrics come with the final epoch, so this
+    # is the checkpoint that is registered and the numbers that describe it.
+    completed = [(row, r) for row, r in rows if row["state"] == "completed" and row["val_score"] is not None]
+    best_row, best = max(completed, key=lambda item: item[0]["val_score"]) if completed else (None, None)
+    version, best_run = None, None
+    protocol = tracking.protocol(state["fixed_params"])
+    if best is not None:
+        best_run = find_child(client, state, best_row["trial_id"])
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = best.checkpoint.to_directory(os.path.join(d, "ckpt"))
+            description = tracking.describe_search(state, table, best_row, protocol, best_run, None)
+            version = tracking.log_champion(
+                client, best_run, ckpt, state["model_name"], input_example(ckpt), description,
+                {"search": state["name"], "dataset": dataset_of(state), "val_score": f"{best_row['val_score']:.4f}",
+                 "protocol": protocol, "method": state["method"], "trial_id": best_row["trial_id"]})
+    description = tracking.describe_search(state, table, best_row, protocol, best_run, version)
     with tempfile.TemporaryDirectory() as d:
         table.to_csv(os.path.join(d, "trials.csv"), index=False)
-        plots = optuna_plots(rows, space, state["sampler"], d)
         client.log_artifact(parent_id, os.path.join(d, "trials.csv"))
-        for p in plots:
-            client.log_artifact(parent_id, p, "optuna")
-    completed = [(row, r) for row, r in rows if row["state"] == "completed" and row["val_score"] is not None]
-    if not completed:
+        records = trial_records(rows, list(space))
+        written = report.write(d, records, space, state["sampler"] == "nsga2", {
+            "title": f"Search {state['name']}", "champion": best_row and best_row["trial_id"],
+            "summary": tracking.summary_items(state, table, best_row, protocol, best_run, version)})
+        for p in written:
+            client.log_artifact(parent_id, p, None if p.endswith("report.html") else "optuna")
+        if state["sampler"] == "nsga2":
+            print_pareto(os.path.join(d, "pareto.csv"))
+    client.log_batch(parent_id, tags=[RunTag("mlflow.note.content", description),
+                                      RunTag("tailtune.protocol", protocol),
+                                      RunTag("tailtune.champion_rule", tracking.CHAMPION_RULE)])
+    if best is None:
         client.set_terminated(parent_id, "FAILED")
         print("no trial completed; see the trial errors above", flush=True)
         return 1
-    best_row, best = max(completed, key=lambda item: item[0]["val_score"])
-    best_run = find_child(client, state, best_row["trial_id"])
-    with tempfile.TemporaryDirectory() as d:
-        ckpt = best.checkpoint.to_directory(os.path.join(d, "ckpt"))
-        sample = np.zeros((2, 32, 32, 3), np.uint8)
-        version = tracking.log_champion(client, best_run, ckpt, state["model_name"], sample)
     client.log_batch(parent_id, metrics=[mlflow.entities.Metric(f"best_{k}", float(v), 0, 0)
                                          for k, v in best_row.items()
                                          if k in SUMMARY_KEYS and v is not None and math.isfinite(v)])
@@ -243,6 +267,45 @@ def conclude(state: dict, path: str, results) -> int:
     return 0
 
 
+def dataset_of(state: dict) -> str:
+    return dataset_tag(state["config"]["dataset"], state["config"]["imbalance_ratio"])
+
+
+def input_example(checkpoint_dir: str) -> np.ndarray:
+    """Returns real images for the registered model's input example: the first validation image
+    of each of the first four classes of the data the champion was trained on."""
+    with open(os.path.join(checkpoint_dir, engine.META_FILE)) as f:
+        meta = json.load(f)
+    cfg = registry.get(meta["method"]).config_cls.from_dict(meta["config"])
+    ident = data.load_id_data(engine.dataset_spec(cfg), cfg.data_dir, cfg.cache_dir, cfg.download)
+    _, first = np.unique(ident.val.y, return_index=True)
+    return ident.val.x[np.sort(first)[:4]]
+
+
+def trial_records(rows, searched: list[str]) -> list[dict]:
+    """Returns the trials as the report reads them, with their val_score per validated epoch."""
+    records = []
+    for row, r in rows:
+        history = r.metrics_dataframe
+        curve = ({int(e): float(v) for e, v in zip(history["epoch"], history[METRIC]) if v == v}
+                 if history is not None and METRIC in history else {})
+        records.append({"trial_id": row["trial_id"], "state": row["state"], "epochs_done": row["epochs_done"],
+                        "params": {k: row[k] for k in searched}, "history": curve,
+                        "metrics": {k: v for k, v in (r.metrics or {}).items()
+                                    if isinstance(v, (int, float)) and not isinstance(v, bool)}})
+    return records
+
+
+def print_pareto(front: str) -> None:
+    print("Pareto front (val_auroc, val_acc):")
+    for _, t in pd.read_csv(front).iterrows():
+        params = progress.format_params({k: v for k, v in t.items()
+                                         if k not in ("trial_id", *report.OBJECTIVES)})
+        for line in progress.wrap(f"  {t['val_auroc']:.4f} {t['val_acc']:.4f}  {t['trial_id']}:",
+                                  params, 6):
+            print(line)
+
+
 def find_child(client: MlflowClient, state: dict, trial_id: str) -> str:
     runs = client.search_runs([state["experiment_id"]],
                               f"tags.`{tracking.TRIAL_TAG}` = '{trial_id}' and "
@@ -250,63 +313,16 @@ def find_child(client: MlflowClient, state: dict, trial_id: str) -> str:
     return runs[0].info.run_id
 
 
-def optuna_plots(rows, space: dict, sampler: str, out_dir: str) -> list[str]:
-    """Returns PNG paths of Optuna's own plots (history, importances, Pareto front if multi-objective)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from optuna.visualization import matplotlib as ovm
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    multi = sampler == "nsga2"
-    study = optuna.create_study(directions=["maximize"] * (2 if multi else 1))
-    for row, r in rows:
-        if row["val_score"] is None:
-            continue
-        params = {k: row[k] for k in space}
-        if row["state"] == "completed":
-            values = [row["val_auroc"], row["val_acc"]] if multi else [row["val_score"]]
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=space, values=values))
-        elif not multi:
-            history = r.metrics_dataframe
-            steps = ({int(i): float(v) for i, v in zip(history["epoch"], history[METRIC])}
-                     if history is not None and METRIC in history else {})
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=space,
-                                                      intermediate_values=steps,
-                                                      state=optuna.trial.TrialState.PRUNED))
-    plots = {"history.png": lambda: ovm.plot_optimization_history(
-        study, target=(lambda t: t.values[0]) if multi else None, target_name=MULTI_OBJECTIVES[0] if multi else METRIC)}
-    plots["importances.png"] = lambda: ovm.plot_param_importances(
-        study, target=(lambda t: t.values[0]) if multi else None)
-    if multi:
-        plots["pareto_front.png"] = lambda: ovm.plot_pareto_front(study, target_names=MULTI_OBJECTIVES)
-    written = []
-    for name, make in plots.items():
-        try:
-            ax = make()
-        except (ValueError, RuntimeError) as e:   # e.g. importances need 2+ varied completed trials
-            print(f"notice: optuna plot {name} skipped: {e}")
-            continue
-        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-        fig.savefig(os.path.join(out_dir, name), dpi=100, bbox_inches="tight")
-        written.append(os.path.join(out_dir, name))
-    if multi:
-        pd.DataFrame([{**t.params, MULTI_OBJECTIVES[0]: t.values[0], MULTI_OBJECTIVES[1]: t.values[1]}
-                      for t in study.best_trials]).to_csv(os.path.join(out_dir, "pareto.csv"), index=False)
-        written.append(os.path.join(out_dir, "pareto.csv"))
-        print("Pareto front (val_auroc, val_acc):")
-        for t in study.best_trials:
-            print(f"  {t.values[0]:.4f} {t.values[1]:.4f}  {t.params}")
-    return written
-
-
 def print_summary(table: pd.DataFrame, best: dict, state: dict, version: int) -> None:
     counts = table["state"].value_counts().to_dict()
     print(f"\ntrials: {len(table)} ({', '.join(f'{v} {k}' for k, v in counts.items())})")
-    print(f"best trial {best['trial_id']} (by {METRIC} on validation; test metrics are reported, not searched):")
+    print(f"champion: trial {best['trial_id']}, the best {METRIC} at the final epoch of a completed trial")
+    print("  (pruned trials never count; validation picks it, test metrics are only reported)")
     width = max(len(k) for k in best)
     for k, v in best.items():
         text = f"{v:.4f}" if isinstance(v, float) else str(v)
         print(f"  {k:<{width}}  {text}")
     print(f"registered: models:/{state['model_name']}@champion (version {version})")
-    print(f"pull it:    python search/pull.py {state['model_name']} IMAGES.npy "
-          f"--tracking-uri {state['tracking_uri']}")
+    print(f"report:     report.html in the parent run {state['parent_run_id']}")
+    print("pull it:")
+    print(f"  python search/pull.py {state['model_name']} IMAGES.npy \\\n    --tracking-uri {state['tracking_uri']}")

@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="narrow or fix a searched parameter within its allowed range")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="set a non-searched config field, e.g. --set tau_gla=2.5")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's, Tune's, MLflow's and Optuna's own start-up and progress messages")
     return p.parse_args(argv)
 
 

@@ -6,6 +6,8 @@ and a trial stopped by the scheduler still ends with a status. A child run is fo
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import time
@@ -19,11 +21,18 @@ from ray import tune
 from trainables import engine
 
 # Keys Ray adds to every result; they are bookkeeping, not metrics.
+FINAL_KEYS = ("val_score", "val_acc", "val_auroc")
 RAY_KEYS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
             "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config",
             "time_since_restore", "iterations_since_restore", "should_checkpoint", "node_id"}
 TRIAL_TAG = "tailtune.trial_id"
 STATE_TAG = "tailtune.state"
+SEARCHED_TAG = "tailtune.searched"   # on each child: the names of the parameters the search sampled
+# MLflow shows a child's status and name in its run list: a pruned trial reads KILLED and ends in
+# "-pruned", a failed one FAILED and "-failed", so neither passes for a completed trial.
+CHAMPION_RULE = ("champion rule: the best val_score at the final epoch of a completed trial "
+                 "(its final checkpoint is registered; pruned trials never count)")
+RUN_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
 
 
 def default_tracking_uri() -> str:
@@ -78,7 +87,8 @@ class TrialRuns(tune.Callback):
             run_id = existing[0].info.run_id
         else:
             run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.trial_id}", tags={
-                "mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: trial.trial_id, STATE_TAG: "running"})
+                "mlflow.parentRunId": self.parent_run_id, TRIAL_TAG: trial.trial_id, STATE_TAG: "running",
+                SEARCHED_TAG: ",".join(trial.config)})
             run_id = run.info.run_id
             params = {**self.fixed_params, **{k: v for k, v in trial.config.items()}}
             self.client.log_batch(run_id, params=as_params(params))
@@ -118,22 +128,35 @@ class TrialRuns(tune.Callback):
                 RunTag("tailtune.nodes", ",".join(seen)), *resolved]
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        done = (trial.last_result or {}).get("epoch", 0)
+        last = trial.last_result or {}
+        done = last.get("epoch", 0)
         state = "completed" if done >= self.epochs else "pruned"
         run_id = self.run_id(trial)
-        self.client.log_batch(run_id, tags=[RunTag(STATE_TAG, state), RunTag("epochs_done", str(done))])
-        self.client.set_terminated(run_id, "FINISHED")
+        # final_* exist on completed trials only: a column that ranks trials by their last epoch,
+        # where a pruned trial's partial score cannot outrank a finished one.
+        finals = [Metric(f"final_{k}", float(last[k]), int(time.time() * 1000), int(done))
+                  for k in FINAL_KEYS if state == "completed" and isinstance(last.get(k), (int, float))]
+        self.client.log_batch(run_id, metrics=finals,
+                              tags=[RunTag(STATE_TAG, state), RunTag("epochs_done", str(done))])
+        self.end(run_id, trial, state)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
         self.client.set_tag(run_id, STATE_TAG, "failed")
-        self.client.set_terminated(run_id, "FAILED")
+        self.end(run_id, trial, "failed")
+
+    def end(self, run_id: str, trial, state: str) -> None:
+        """Ends the child run with the status and name suffix of its state."""
+        name = f"trial-{trial.trial_id}" + ("" if state == "completed" else f"-{state}")
+        self.client.update_run(run_id, name=name)
+        self.client.set_terminated(run_id, RUN_STATUS[state])
 
 
 def log_champion(client: MlflowClient, run_id: str, checkpoint_dir: str, model_name: str,
-                 sample_images) -> int:
-    """Logs the best trial's checkpoint and a pyfunc model to its run, registers it as
-    `model_name` with alias `champion`; returns the registered version."""
+                 input_example, description: str, tags: dict[str, str]) -> int:
+    """Logs the best trial's checkpoint and a pyfunc model (with `input_example`, real images) to
+    its run, registers it as `model_name` with alias `champion`, and gives the registered model
+    and the new version `description` and `tags`; returns the registered version."""
     client.log_artifacts(run_id, checkpoint_dir, "checkpoint")
     import trainables
     with mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
@@ -144,16 +167,77 @@ def log_champion(client: MlflowClient, run_id: str, checkpoint_dir: str, model_n
             artifacts={"state": os.path.join(checkpoint_dir, engine.STATE_FILE),
                        "meta": os.path.join(checkpoint_dir, engine.META_FILE)},
             code_paths=[os.path.dirname(trainables.__file__)],
-            input_example=sample_images,
+            input_example=input_example,
             pip_requirements=_requirements(),
         )
-    version = mlflow.register_model(info.model_uri, model_name)
+    # register_model prints its own "Successfully registered" lines; the summary says it once.
+    with contextlib.redirect_stderr(io.StringIO()):
+        version = mlflow.register_model(info.model_uri, model_name, tags={**tags, "source_run": run_id})
+    client.update_registered_model(model_name, description)
+    for key, value in tags.items():
+        client.set_registered_model_tag(model_name, key, value)
+    client.update_model_version(model_name, version.version, description)
     client.set_registered_model_alias(model_name, "champion", version.version)
-    client.set_model_version_tag(model_name, version.version, "source_run", run_id)
     return int(version.version)
+
+
+def ui_link(tracking_uri: str, path: str) -> str | None:
+    """Returns the MLflow UI address of `path` (e.g. `experiments/1/runs/abc`) on an HTTP server,
+    None for a local store (browsed with `mlflow ui`, at an address this process cannot know)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/{path}"
 
 
 def _requirements() -> list[str]:
     from importlib.metadata import version
     return [f"{name}=={version(name).split('+')[0]}"
             for name in ("torch", "numpy", "pandas", "scikit-learn", "mlflow")]
+
+
+def protocol(fixed_params: dict[str, str]) -> str:
+    """Returns the evaluation protocol the search used, as one line: what selects the champion,
+    which checkpoint, the test OOD sets (reported only) and the FPR95 convention."""
+    return (f"select: val_score on val OOD {fixed_params.get('val_ood_sets', '?')} (synthetic); "
+            f"checkpoint: final epoch; test OOD (reported only): {fixed_params.get('test_ood_sets', '?')}; "
+            "fpr95: ID positive (OOD accepted at 95% ID kept)")
+
+
+def summary_items(state: dict, table, best: dict | None, protocol_text: str, best_run: str | None,
+                  version: int | None) -> list[tuple[str, str, str | None]]:
+    """Returns the search's description as (label, text, link or None) rows."""
+    uri, budget, cfg = state["tracking_uri"], state["budget"], state["config"]
+    experiment = f"experiments/{state['experiment_id']}"
+    counts = ", ".join(f"{v} {k}" for k, v in table["state"].value_counts().items())
+    items = [
+        ("method", state["method"], None),
+        ("dataset", f"{cfg['dataset']}-LT, imbalance ratio {cfg['imbalance_ratio']:g}", None),
+        ("budget", f"{state.get('fixed_params', {}).get('search.preset', '?')} preset: "
+                   f"{budget['trials']} trials x {budget['epochs']} epochs, sampler {state['sampler']}, "
+                   f"ASHA grace {budget['grace_period']} reduction factor {budget['reduction_factor']:g}", None),
+        ("searched", ", ".join(state["space"]), None),
+        ("protocol", protocol_text, None),
+        ("champion rule", CHAMPION_RULE.removeprefix("champion rule: "), None),
+        ("trials", counts, None),
+        ("search run", state["parent_run_id"], ui_link(uri, f"{experiment}/runs/{state['parent_run_id']}")),
+    ]
+    if best is None:
+        items.append(("champion", "none: no trial completed", None))
+    else:
+        scores = ", ".join(f"{k} {best[k]:.4f}" for k in ("val_score", "test_acc", "test_auroc", "test_fpr95")
+                           if best.get(k) is not None)
+        items.append(("champion", f"trial {best['trial_id']}: {scores}",
+                      ui_link(uri, f"{experiment}/runs/{best_run}")))
+        if version is not None:
+            items.append(("registered model", f"models:/{state['model_name']}/{version} (alias champion)",
+                          ui_link(uri, f"models/{state['model_name']}/versions/{version}")))
+    return items
+
+
+def describe_search(state: dict, table, best: dict | None, protocol_text: str, best_run: str | None,
+                    version: int | None) -> str:
+    """Returns the search's description in Markdown (MLflow renders it on the run's page)."""
+    lines = []
+    for label, text, link in summary_items(state, table, best, protocol_text, best_run, version):
+        lines.append(f"- **{label}**: " + (f"[{text}]({link})" if link else text))
+    return f"Search `{state['name']}`\n\n" + "\n".join(lines) + "\n"

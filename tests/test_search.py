@@ -3,6 +3,7 @@ real MLflow server over HTTP, then read back: runs, metrics, pruning, artifacts,
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,9 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+import spaces
 from tests.conftest import REPO
+from tests.test_report import check_in_chromium
 from trainables import data
 
 RUN = os.path.join(REPO, "search", "run.py")
@@ -93,7 +96,7 @@ def test_smoke_search_budget(smoke):
     out, seconds, peak, _ = smoke
     assert seconds < 300 + 60, f"smoke preset took {seconds:.0f} s"   # 5 min budget, CI slack
     assert peak < 6 * 2**30, f"peak memory {peak / 2**30:.2f} GiB"
-    assert "best trial" in out and "registered: models:/darl-cifar10-lt-ir100@champion" in out
+    assert "champion: trial" in out and "registered: models:/darl-cifar10-lt-ir100@champion" in out
 
 
 @pytest.mark.integration
@@ -220,3 +223,125 @@ def test_nsga2_reports_pareto_front(tmp_path, data_dir, cache_dir, tracking_uri)
     pareto = client.download_artifacts(parent.info.run_id, "optuna/pareto.csv", str(tmp_path))
     front = open(pareto).read().splitlines()
     assert front[0].endswith("val_auroc,val_acc") and len(front) >= 2
+
+
+SEARCHED = set(spaces.get("darl").distributions)   # tau_energy, mixup_alpha, lambda_mix, lr, num_experts
+# Start-up and bookkeeping lines of Ray, Tune, MLflow and Optuna that only --verbose shows.
+NOISE = ("Started a local Ray instance", "Token authentication is enabled", "Configuration for experiment",
+         "View detailed results here", "A new study created", "Creating initial MLflow database",
+         "Successfully registered model", "Inferring model signature", "Wrote the latest version")
+
+
+@pytest.mark.integration
+def test_terminal_lines_fit_and_follow_the_champion_rule(smoke):
+    out = smoke[0]
+    lines = out.splitlines()
+    # Data notices name file paths (as long as they are); every other line fits 100 columns.
+    long = [line for line in lines if len(line) > 100 and not line.startswith("notice: ")]
+    assert not long, long
+    for noise in NOISE:
+        assert noise not in out, noise
+    assert "champion rule: the best val_score at the final epoch of a completed trial" in out
+    starts = [i for i, line in enumerate(lines) if re.match(r"\[ *[\d:]+\] start \w{8} \(\d/4\)", line)]
+    assert len(starts) == 4
+    for i in starts:   # the parameter lines under each start line name every sampled parameter
+        block = []
+        for line in lines[i + 1:]:
+            if not line.startswith("         "):
+                break
+            block.append(line)
+        named = set(re.findall(r"(\w+)=", " ".join(block)))
+        assert named == SEARCHED, block
+    live = [line for line in lines if re.match(r"\[ *[\d:]+\] \w{8} epoch \d/3: 0\.\d{4}", line)]
+    assert live and all(" | done " in line for line in live)
+    assert any(re.search(r"\| ETA \d+:\d\d ", line) for line in live)
+    # The last live line's "best final" is the summary's champion: one rule in both.
+    best_final = re.findall(r"best final (0\.\d{4}) (\w{8})", out)[-1]
+    champion = re.search(r"champion: trial (\w{8}), the best val_score at the final epoch", out).group(1)
+    summary_score = re.search(r"^  val_score +(0\.\d{4})$", out, re.M).group(1)
+    assert best_final == (summary_score, champion)
+
+
+@pytest.mark.integration
+def test_trial_runs_read_by_state(smoke, tracking_uri):
+    client = MlflowClient(tracking_uri)
+    exp, parent = parent_run(client, smoke[3])
+    assert {k.removeprefix("space.") for k in parent.data.params if k.startswith("space.")} == SEARCHED
+    kids = children(client, parent.info.run_id, exp.experiment_id)
+    for kid in kids:
+        state, trial_id = kid.data.tags["tailtune.state"], kid.data.tags["tailtune.trial_id"]
+        assert set(kid.data.tags["tailtune.searched"].split(",")) == SEARCHED
+        assert not any(k.startswith("space.") for k in kid.data.params)
+        history = client.get_metric_history(kid.info.run_id, "val_score")
+        if state == "completed":
+            assert (kid.info.status, kid.info.run_name) == ("FINISHED", f"trial-{trial_id}")
+            final = max(history, key=lambda m: m.step)
+            assert kid.data.metrics["final_val_score"] == pytest.approx(final.value)
+            assert kid.data.metrics["final_val_acc"] == pytest.approx(kid.data.metrics["val_acc"])
+        else:
+            assert state == "pruned"
+            assert (kid.info.status, kid.info.run_name) == ("KILLED", f"trial-{trial_id}-pruned")
+            assert not any(k.startswith("final_") for k in kid.data.metrics)
+    # Sorted by final_val_score, the champion's run comes first.
+    ranked = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                "and metrics.final_val_score > -1", order_by=["metrics.final_val_score DESC"])
+    assert ranked[0].info.run_id == parent.data.tags["tailtune.best_run_id"]
+
+
+@pytest.mark.integration
+def test_parent_description_and_registered_model_metadata(smoke, tracking_uri):
+    client = MlflowClient(tracking_uri)
+    _, parent = parent_run(client, smoke[3])
+    note = parent.data.tags["mlflow.note.content"]
+    best_run = parent.data.tags["tailtune.best_run_id"]
+    protocol = parent.data.tags["tailtune.protocol"]
+    assert "checkpoint: final epoch" in protocol and "fpr95: ID positive" in protocol
+    assert "gaussian,rademacher,blobs" in protocol and "cifar100,tin,textures,mnist,fashion_mnist" in protocol
+    for text in ("**method**: darl", "cifar10-LT, imbalance ratio 100", "smoke preset: 4 trials x 3 epochs",
+                 protocol, "final epoch of a completed trial", f"{tracking_uri}/#/experiments/"
+                 f"{parent.info.experiment_id}/runs/{best_run})", f"models:/{MODEL}/"):
+        assert text in note, text
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    model = client.get_registered_model(MODEL)
+    best_score = client.get_run(best_run).data.metrics["final_val_score"]
+    for tags in (model.tags, version.tags):
+        assert tags["search"] == smoke[3] and tags["dataset"] == "cifar10-lt-ir100"
+        assert tags["protocol"] == protocol and tags["val_score"] == f"{best_score:.4f}"
+    assert version.tags["source_run"] == best_run
+    assert "final epoch of a completed trial" in model.description and version.description == model.description
+    # The input example is real validation images: 4 classes, not a blank array.
+    mlflow.set_tracking_uri(tracking_uri)
+    uri = f"models:/{MODEL}@champion"
+    example = np.asarray(mlflow.models.Model.load(uri).load_input_example(uri))
+    assert example.shape == (4, 32, 32, 3) and example.dtype == np.uint8
+    assert example.std() > 10 and len({e.tobytes() for e in example}) == 4
+
+
+@pytest.mark.integration
+def test_report_artifact_renders(smoke, tracking_uri, tmp_path):
+    client = MlflowClient(tracking_uri)
+    _, parent = parent_run(client, smoke[3])
+    page = client.download_artifacts(parent.info.run_id, "report.html", str(tmp_path))
+    text = open(page).read()
+    champion = client.get_run(parent.data.tags["tailtune.best_run_id"]).data.tags["tailtune.trial_id"]
+    assert f"Trial {champion}; test sets are reported" in text
+    for ood_set in ("cifar100", "tin", "textures", "mnist", "fashion_mnist", "mean"):
+        assert f"<th>{ood_set}</th>" in text, ood_set
+    assert "<td>pruned</td>" in text
+    check_in_chromium(page, tmp_path, text.count("data:image/png;base64,"))
+
+
+@pytest.mark.integration
+def test_readme_load_model_snippet_runs(smoke, tracking_uri, data_dir, cache_dir, tmp_path):
+    readme = open(os.path.join(REPO, "README.md")).read()
+    snippet = re.search(r"```python\n(import mlflow\n.*?load_model.*?)```", readme, re.S).group(1)
+    assert "mlflow.set_tracking_uri(" in snippet.split("load_model")[0]
+    local = '"sqlite:///mlruns/mlflow.db"'
+    assert local in snippet
+    cifar = data.load_id_data(data.DatasetSpec(val_per_class=10, test_per_class=1), data_dir, cache_dir, False)
+    np.save(tmp_path / "images.npy", cifar.test.x[:3])
+    # As written, pointed at this test's server instead of the local store.
+    ran = subprocess.run([sys.executable, "-c", snippet.replace(local, repr(tracking_uri))], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "ood_score" in ran.stdout and "is_ood" in ran.stdout
