@@ -28,7 +28,7 @@ COLUMNS = [("test_acc", "ACC"), ("test_acc_head", "head"), ("test_acc_middle", "
            ("val_score", "val score")]
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="search/compare.py", description=__doc__.split("\n")[0])
     p.add_argument("--methods", default=",".join(registry.names()),
                    help=f"comma-separated methods (default all: {','.join(registry.names())})")
@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a budget field imposed on every method (n_max, batch_size, ...)")
     p.add_argument("--out", default="compare.csv", help="CSV file for the table (default compare.csv)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = make_parser()
     args = p.parse_args(argv)
     shared = {"epochs": args.epochs, "data_dir": args.data_dir, "test_ood": OFFLINE_TEST_OOD}
     shared.update(engine.parse_settings(p, args.set))

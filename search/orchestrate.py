@@ -302,7 +302,9 @@ def conclude(state: dict, path: str, results) -> int:
 def drop_unregistered_models(client: MlflowClient, experiment_id: str, run_id: str) -> list[str]:
     """Deletes the models logged under `run_id` that no registered version points at (what an
     interrupted champion registration leaves behind); returns their ids."""
-    registered = {v.model_id for v in client.search_model_versions(f"run_id = '{run_id}'")}
+    versions = client.search_model_versions(f"run_id = '{run_id}'")
+    # A version names its model by model_id, or (registered from models:/<id>) by its source.
+    registered = {v.model_id for v in versions} | {v.source.removeprefix("models:/") for v in versions}
     orphans = [m.model_id for m in client.search_logged_models([experiment_id], f"source_run_id = '{run_id}'")
                if m.model_id not in registered]
     for model_id in orphans:
