@@ -20,22 +20,28 @@ POLL_S = 0.5
 GRACE_S = 5.0
 
 
-def stop_tree(roots: list[psutil.Process]) -> None:
-    """Terminates `roots` and all their descendants; kills what is left after GRACE_S."""
-    procs = {}
+def descendants(roots: list[psutil.Process]) -> dict[int, psutil.Process]:
+    """Returns the live processes among `roots` and all their descendants, by PID."""
+    found = {}
     for root in roots:
         try:
             for p in [root, *root.children(recursive=True)]:
-                procs[p.pid] = p
+                found[p.pid] = p
         except psutil.Error:
             continue
-    for p in procs.values():
+    return found
+
+
+def stop(procs: dict[int, psutil.Process]) -> None:
+    """Terminates `procs`; kills what is left of them after GRACE_S."""
+    live = [p for p in procs.values() if p.is_running()]   # is_running: the same process, not a reused PID
+    for p in live:
         try:
             p.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=GRACE_S)
-    for p in alive:
+    _, left = psutil.wait_procs(live, timeout=GRACE_S)
+    for p in left:
         try:
             p.kill()
         except psutil.Error:
@@ -47,12 +53,17 @@ def main(argv: list[str]) -> int:
     roots = []
     for pid in ray_pids:
         try:
-            roots.append(psutil.Process(pid))   # create_time pins the process: a reused PID is not it
+            roots.append(psutil.Process(pid))
         except psutil.Error:
             pass
+    # Ray's processes are watched as they come (workers, agents): once the driver is gone, some
+    # of them exit on their own and leave their children to init, out of reach of a tree walk.
+    known: dict[int, psutil.Process] = {}
     while alive(driver_pid):
+        known.update(descendants(roots))
         time.sleep(POLL_S)
-    stop_tree([r for r in roots if r.is_running()])
+    known.update(descendants(roots))
+    stop(known)
     return 0
 
 

@@ -1,0 +1,89 @@
+"""A search's folder is one driver's at a time; a killed driver leaves no Ray processes and no
+stale lock; a failed start leaves no RUNNING parent; a resumed search prunes as an uninterrupted
+one would."""
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO
+
+RUN = os.path.join(REPO, "search", "run.py")
+EXPERIMENT = "tailtune/ce/cifar10-lt-ir100"
+
+
+def search(args: list[str], cwd, method: str = "ce") -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen([sys.executable, RUN, method, *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def parents(client: MlflowClient, name: str, experiment: str = EXPERIMENT):
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id], f"tags.`tailtune.search` = '{name}'")
+
+
+def wait_for_trial_result(client: MlflowClient, name: str, proc: subprocess.Popen, timeout_s: float = 300):
+    """Waits until a trial of search `name` has reported an epoch to MLflow; returns the parent."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        found = parents(client, name)
+        if found:
+            exp_id = found[0].info.experiment_id
+            kids = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{found[0].info.run_id}'")
+            if any("val_score" in k.data.metrics for k in kids):
+                return found[0]
+        time.sleep(2)
+    raise AssertionError(f"no trial result of {name} within {timeout_s} s")
+
+
+@pytest.mark.integration
+def test_second_driver_refused_and_sigkill_leaves_no_ray_processes(tmp_path, data_dir, cache_dir, tracking_uri):
+    name = "lock-it"
+    storage = tmp_path / "ray_results"
+    common = ["--data-dir", data_dir, "--cache-dir", cache_dir, "--no-download", "--tracking-uri", tracking_uri,
+              "--storage", str(storage)]
+    client = MlflowClient(tracking_uri)
+    driver = search([*common, "--name", name], tmp_path)
+    try:
+        wait_for_trial_result(client, name, driver)
+        ray_procs = [p for p in psutil.Process(driver.pid).children(recursive=True)
+                     if "watchdog.py" not in " ".join(p.cmdline())]
+        assert any("raylet" in p.name() for p in ray_procs), [p.name() for p in ray_procs]
+
+        # The same name again, at once: refused before Ray starts, no second parent run.
+        again = search([*common, "--name", name], tmp_path)
+        out, _ = again.communicate(timeout=120)
+        assert again.returncode == 2, out
+        assert f"a search named '{name}' exists" in out
+        # Resuming it while its driver runs: refused by the lock.
+        resumed = search([*common, "--resume", name], tmp_path)
+        out, _ = resumed.communicate(timeout=120)
+        assert resumed.returncode == 2, out
+        assert f"search {name} is running in another driver" in out
+        assert len(parents(client, name)) == 1
+
+        workers = [p for p in ray_procs]
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(30)
+        _, alive = psutil.wait_procs(workers, timeout=30)
+        assert alive == [], [(p.pid, p.name()) for p in alive]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    # The kernel dropped the killed driver's lock: the search can be taken again.
+    fd = os.open(storage / name / "tailtune.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
