@@ -21,12 +21,12 @@ import ray
 from mlflow.tracking import MlflowClient
 from optuna.distributions import distribution_to_json, json_to_distribution
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 import spaces
 from search import tracking
 from search.progress import Progress
+from search.scheduler import ResumableASHA
 from search.run import METRIC, STATE_FILE, dataset_tag, default_name
 from trainables import engine, registry
 
@@ -188,7 +188,7 @@ def _start(plan: dict, record: dict[str, str], args: argparse.Namespace, uri: st
             tune.with_resources(make_trainable(method, plan["config"]), per_trial),
             tune_config=tune.TuneConfig(
                 search_alg=searcher(plan["space"], plan["sampler"], plan["seed"]),
-                scheduler=ASHAScheduler(metric=METRIC, mode="max", time_attr="epoch",
+                scheduler=ResumableASHA(path, metric=METRIC, mode="max", time_attr="epoch",
                                         max_t=budget["epochs"], grace_period=budget["grace_period"],
                                         reduction_factor=budget["reduction_factor"]),
                 num_samples=budget["trials"], max_concurrent_trials=budget["max_concurrent"],

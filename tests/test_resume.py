@@ -87,3 +87,61 @@ def test_second_driver_refused_and_sigkill_leaves_no_ray_processes(tmp_path, dat
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         os.close(fd)
+
+
+@pytest.mark.integration
+def test_failed_start_leaves_no_running_parent_and_no_folder(tmp_path, monkeypatch, data_dir, cache_dir,
+                                                             tracking_uri):
+    # A full disk when the search state is first written: a fault we cannot cause here.
+    from search import orchestrate, run
+
+    def disk_full(path, state):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(orchestrate, "save_state", disk_full)
+    monkeypatch.chdir(tmp_path)
+    name = "fails-to-start"
+    with pytest.raises(OSError, match="No space left"):
+        run.main(["ce", "--name", name, "--data-dir", data_dir, "--cache-dir", cache_dir, "--no-download",
+                  "--tracking-uri", tracking_uri, "--storage", str(tmp_path / "ray_results")])
+    found = parents(MlflowClient(tracking_uri), name)
+    assert [p.info.status for p in found] == ["FAILED"]
+    assert os.listdir(tmp_path / "ray_results") == []   # nothing to resume, nothing left
+
+
+def trial_outcomes(client: MlflowClient, name: str) -> dict[str, tuple]:
+    """Returns {trial index: (lr, state, epochs done)} for the trials of search `name`."""
+    (parent,) = parents(client, name)
+    kids = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return {k.data.tags["tailtune.trial_id"].rsplit("_", 1)[-1]:
+            (round(float(k.data.params["lr"]), 8), k.data.tags["tailtune.state"], k.data.tags["epochs_done"])
+            for k in kids}
+
+
+@pytest.mark.integration
+def test_resumed_asha_prunes_as_an_uninterrupted_search(tmp_path, data_dir, cache_dir, tracking_uri):
+    common = ["--data-dir", data_dir, "--cache-dir", cache_dir, "--no-download", "--tracking-uri", tracking_uri,
+              "--storage", str(tmp_path / "ray_results"), "--trials", "5", "--seed", "3"]
+    client = MlflowClient(tracking_uri)
+    whole = search([*common, "--name", "asha-whole"], tmp_path)
+    out, _ = whole.communicate(timeout=900)
+    assert whole.returncode == 0, out[-4000:]
+    expected = trial_outcomes(client, "asha-whole")
+    assert any(state == "pruned" for _, state, _ in expected.values()), expected   # ASHA had work to do
+
+    cut = search([*common, "--name", "asha-cut"], tmp_path)
+    deadline = time.time() + 600
+    while time.time() < deadline:   # interrupt once the first trial is complete: its rungs are recorded
+        found = parents(client, "asha-cut")
+        kids = client.search_runs([found[0].info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{found[0].info.run_id}'") if found else []
+        if any(k.data.tags.get("tailtune.state") == "completed" for k in kids):
+            break
+        assert cut.poll() is None, cut.stdout.read()[-4000:]
+        time.sleep(1)
+    cut.send_signal(signal.SIGINT)
+    out, _ = cut.communicate(timeout=300)
+    assert cut.returncode == 130, out[-4000:]
+    resumed = search([*common, "--resume", "asha-cut"], tmp_path)
+    out, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, out[-4000:]
+    assert trial_outcomes(client, "asha-cut") == expected
