@@ -276,12 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         list_methods()
         return 0
     try:
-        check_writable_folder(args.storage, "--storage")
         if args.resume:
             state, path = load_state(args)
+            check_writable_folder(path, "--storage")
             check_tracking_uri(state["tracking_uri"])
         else:
             plan = build_plan(args)
+            check_writable_folder(args.storage, "--storage")
             check_tracking_uri(args.tracking_uri)
             record = check_data_and_space(plan)
             state, path = None, None
