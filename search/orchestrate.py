@@ -144,7 +144,8 @@ def start(plan: dict, record: dict[str, str], args: argparse.Namespace) -> int:
         return _start(plan, record, args, uri, name, path, tag, lambda run_id: parent_ids.append(run_id))
     except BaseException as e:
         # A start that fails leaves no RUNNING parent: FAILED, unless Ctrl-C left a resumable search.
-        if parent_ids and not (isinstance(e, KeyboardInterrupt) and os.path.exists(os.path.join(path, STATE_FILE))):
+        resumable = isinstance(e, KeyboardInterrupt) and os.path.exists(os.path.join(path, STATE_FILE))
+        if parent_ids and not resumable:
             MlflowClient(uri).set_terminated(parent_ids[0], "FAILED")
         raise
     finally:
