@@ -127,7 +127,7 @@ def searcher(space: spaces.Space, sampler: str, seed: int) -> OptunaSearch:
 def start(plan: dict, record: dict[str, str], args: argparse.Namespace) -> int:
     """Starts a new search; returns the exit code."""
     uri = args.tracking_uri or tracking.default_tracking_uri()
-    budget, method = plan["budget"], plan["method"]
+    method = plan["method"]
     tag = dataset_tag(plan["config"]["dataset"], plan["config"]["imbalance_ratio"])
     name = args.name or default_name(method, plan["config"]["dataset"], plan["config"]["imbalance_ratio"])
     path = os.path.join(args.storage, name)
@@ -141,7 +141,7 @@ def start(plan: dict, record: dict[str, str], args: argparse.Namespace) -> int:
     lock_search(path)
     parent_ids: list[str] = []
     try:
-        return _start(plan, record, args, uri, name, path, tag, lambda run_id: parent_ids.append(run_id))
+        return _start(plan, record, args, uri, name, path, tag, parent_ids)
     except BaseException as e:
         # A start that fails leaves no RUNNING parent: FAILED, unless Ctrl-C left a resumable search.
         resumable = isinstance(e, KeyboardInterrupt) and os.path.exists(os.path.join(path, STATE_FILE))
@@ -154,7 +154,8 @@ def start(plan: dict, record: dict[str, str], args: argparse.Namespace) -> int:
 
 
 def _start(plan: dict, record: dict[str, str], args: argparse.Namespace, uri: str, name: str, path: str,
-           tag: str, created) -> int:
+           tag: str, parent_ids: list[str]) -> int:
+    """Starts Ray, the parent run and the Tuner; appends the parent run's id to `parent_ids`."""
     budget, method = plan["budget"], plan["method"]
     per_trial = connect(args, budget)
     if per_trial is None:
@@ -171,7 +172,7 @@ def _start(plan: dict, record: dict[str, str], args: argparse.Namespace, uri: st
                     "search.asha_reduction_factor": budget["reduction_factor"]}
     parent = client.create_run(experiment_id, run_name=name, tags={"tailtune.method": method,
                                                                    "tailtune.search": name})
-    created(parent.info.run_id)
+    parent_ids.append(parent.info.run_id)
     client.log_batch(parent.info.run_id, params=tracking.as_params({
         **fixed_params, "search.trials": budget["trials"], "search.metric": METRIC,
         **{f"space.{k}": spaces.describe(v) for k, v in plan["space"].distributions.items()}}))
