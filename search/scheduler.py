@@ -14,7 +14,9 @@ import os
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-STATE_FILE = "asha_state.json"
+# Not *.json or *.pkl: Tune copies those from the search's folder to its staging folder on a
+# restore and back at the end, which would put the state read at the restore over the newer one.
+STATE_FILE = "asha.state"
 
 
 class ResumableASHA(ASHAScheduler):

@@ -4,6 +4,7 @@ one would."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from search import scheduler
 from tests.conftest import REPO
 
 RUN = os.path.join(REPO, "search", "run.py")
@@ -146,3 +148,7 @@ def test_resumed_asha_prunes_as_an_uninterrupted_search(tmp_path, data_dir, cach
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out[-4000:]
     assert trial_outcomes(client, "asha-cut") == expected
+    # The saved rungs hold every trial, those before the interruption and those after it.
+    with open(tmp_path / "ray_results" / "asha-cut" / scheduler.STATE_FILE) as f:
+        (rungs,) = json.load(f)["brackets"]
+    assert {m: len(recorded) for m, recorded in rungs} == {2: sum(e == "2" for _, _, e in expected), 1: 4}
