@@ -28,21 +28,33 @@ COLUMNS = [("test_acc", "ACC"), ("test_acc_head", "head"), ("test_acc_middle", "
            ("val_score", "val score")]
 
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="search/compare.py", description=__doc__.split("\n")[0])
-    p.add_argument("--methods", default=",".join(registry.names()), help="comma-separated methods")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--data-dir", default=os.environ.get("TAILTUNE_DATA_DIR"))
+    p.add_argument("--methods", default=",".join(registry.names()),
+                   help=f"comma-separated methods (default all: {','.join(registry.names())})")
+    p.add_argument("--epochs", type=int, default=6, help="epochs per method (default 6)")
+    p.add_argument("--data-dir", default=os.environ.get("TAILTUNE_DATA_DIR"),
+                   help="folder with offline archives (cifar10.tar.gz, ...) [env TAILTUNE_DATA_DIR]")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a budget field imposed on every method (n_max, batch_size, ...)")
-    p.add_argument("--out", default="compare.csv")
+    p.add_argument("--out", default="compare.csv", help="CSV file for the table (default compare.csv)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = make_parser()
     args = p.parse_args(argv)
     shared = {"epochs": args.epochs, "data_dir": args.data_dir, "test_ood": OFFLINE_TEST_OOD}
     shared.update(engine.parse_settings(p, args.set))
+    try:   # every method's config is checked before the first one trains
+        configs = [(registry.get(name), name) for name in args.methods.split(",")]
+        configs = [(m, m.config_cls.from_dict({**shared, **spaces.get(name).paper_point}), name)
+                   for m, name in configs]
+    except (TypeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     rows = []
-    for name in args.methods.split(","):
-        method_cls = registry.get(name)
-        cfg = method_cls.config_cls.from_dict({**shared, **spaces.get(name).paper_point})
+    for method_cls, cfg, name in configs:
         started = time.time()
         with tempfile.TemporaryDirectory() as out:
             last = engine.fit(method_cls, cfg, engine.LocalReporter(out))

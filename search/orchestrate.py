@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import math
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -13,17 +16,18 @@ import mlflow
 import numpy as np
 import optuna
 import pandas as pd
+import psutil
 import ray
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from optuna.distributions import distribution_to_json, json_to_distribution
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 import spaces
 from search import progress, report, tracking
 from search.progress import Progress
+from search.scheduler import ResumableASHA
 from search.run import METRIC, STATE_FILE, dataset_tag, default_name
 from trainables import data, engine, registry
 
@@ -31,6 +35,8 @@ from trainables import data, engine, registry
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 MULTI_OBJECTIVES = ["val_auroc", "val_acc"]
+LOCK_FILE = "tailtune.lock"
+_HELD_LOCKS: list[int] = []   # file descriptors kept open (and so locked) until the process ends
 SUMMARY_KEYS = ["val_score", "val_acc", "val_auroc", "test_acc", "test_acc_head", "test_acc_middle",
                 "test_acc_tail", "test_auroc", "test_fpr95", "test_aupr_in", "test_aupr_out"]
 
@@ -54,6 +60,30 @@ def init_ray(address: str | None, logging_level: int = logging.INFO) -> None:
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  object_store_memory=256 * 2**20, logging_level=logging_level)
+        watch_local_ray()
+
+
+def watch_local_ray() -> None:
+    """Starts search/watchdog.py on the Ray processes this driver just started, so that they
+    stop even if the driver is killed with SIGKILL (a normal exit stops them through Ray)."""
+    ray_pids = [str(p.pid) for p in psutil.Process().children()]
+    subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "watchdog.py"),
+                      str(os.getpid()), *ray_pids], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def lock_search(path: str) -> bool:
+    """Takes the search's lock (an flock on LOCK_FILE in its Tune folder) for the rest of this
+    process's life; returns False if another driver holds it. The kernel drops it when the
+    process ends, however it ends, so a killed driver never leaves a stale lock."""
+    fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    _HELD_LOCKS.append(fd)
+    return True
 
 
 def resources(args: argparse.Namespace, budget: dict) -> dict[str, float]:
@@ -101,14 +131,36 @@ def searcher(space: spaces.Space, sampler: str, seed: int) -> OptunaSearch:
 def start(plan: dict, record: dict[str, str], args: argparse.Namespace) -> int:
     """Starts a new search; returns the exit code."""
     uri = args.tracking_uri or tracking.default_tracking_uri()
-    budget, method = plan["budget"], plan["method"]
+    method = plan["method"]
     tag = dataset_tag(plan["config"]["dataset"], plan["config"]["imbalance_ratio"])
     name = args.name or default_name(method, plan["config"]["dataset"], plan["config"]["imbalance_ratio"])
     path = os.path.join(args.storage, name)
-    if os.path.exists(path):
+    try:
+        os.makedirs(args.storage, exist_ok=True)
+        os.mkdir(path)   # atomic: of two starts with one name, exactly one gets the folder
+    except FileExistsError:
         print(f"error: a search named {name!r} exists at {path}; use --resume {name} or another --name",
               file=sys.stderr)
         return 2
+    lock_search(path)
+    parent_ids: list[str] = []
+    try:
+        return _start(plan, record, args, uri, name, path, tag, parent_ids)
+    except BaseException as e:
+        # A start that fails leaves no RUNNING parent: FAILED, unless Ctrl-C left a resumable search.
+        resumable = isinstance(e, KeyboardInterrupt) and os.path.exists(os.path.join(path, STATE_FILE))
+        if parent_ids and not resumable:
+            MlflowClient(uri).set_terminated(parent_ids[0], "FAILED")
+        raise
+    finally:
+        if not os.path.exists(os.path.join(path, STATE_FILE)):   # nothing to resume: leave nothing
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _start(plan: dict, record: dict[str, str], args: argparse.Namespace, uri: str, name: str, path: str,
+           tag: str, parent_ids: list[str]) -> int:
+    """Starts Ray, the parent run and the Tuner; appends the parent run's id to `parent_ids`."""
+    budget, method = plan["budget"], plan["method"]
     per_trial = connect(args, budget)
     if per_trial is None:
         return 2
@@ -124,6 +176,7 @@ def start(plan: dict, record: dict[str, str], args: argparse.Namespace) -> int:
                     "search.asha_reduction_factor": budget["reduction_factor"]}
     parent = client.create_run(experiment_id, run_name=name, tags={"tailtune.method": method,
                                                                    "tailtune.search": name})
+    parent_ids.append(parent.info.run_id)
     client.log_batch(parent.info.run_id, params=tracking.as_params({
         **fixed_params, "search.trials": budget["trials"], "search.metric": METRIC,
         **{f"space.{k}": spaces.describe(v) for k, v in plan["space"].distributions.items()}}))
@@ -142,7 +195,7 @@ def start(plan: dict, record: dict[str, str], args: argparse.Namespace) -> int:
             tune.with_resources(make_trainable(method, plan["config"]), per_trial),
             tune_config=tune.TuneConfig(
                 search_alg=searcher(plan["space"], plan["sampler"], plan["seed"]),
-                scheduler=ASHAScheduler(metric=METRIC, mode="max", time_attr="epoch",
+                scheduler=ResumableASHA(path, metric=METRIC, mode="max", time_attr="epoch",
                                         max_t=budget["epochs"], grace_period=budget["grace_period"],
                                         reduction_factor=budget["reduction_factor"]),
                 num_samples=budget["trials"], max_concurrent_trials=budget["max_concurrent"],
@@ -154,7 +207,6 @@ def start(plan: dict, record: dict[str, str], args: argparse.Namespace) -> int:
                 callbacks=[tracking.TrialRuns(uri, experiment_id, parent.info.run_id,
                                               state["fixed_params"], budget["epochs"]),
                            Progress(METRIC, budget["epochs"], budget["trials"])]))
-        os.makedirs(path, exist_ok=True)
         save_state(path, state)
         print(f"resources per trial: {per_trial}")
         print(f"resume later with: python search/run.py {method} --resume {name}")
@@ -169,10 +221,15 @@ def resume(state: dict, path: str, args: argparse.Namespace) -> int:
     if state["finalized"]:
         print(f"search {state['name']} already finished; its champion is models:/{state['model_name']}@champion")
         return 0
+    if not lock_search(path):
+        print(f"error: search {state['name']} is running in another driver (it holds {path}/{LOCK_FILE}); "
+              f"wait for it to end or stop it first", file=sys.stderr)
+        return 2
     print(f"resuming search {state['name']} from {path}")
     per_trial = connect(args, state["budget"])
     if per_trial is None:
         return 2
+    MlflowClient(state["tracking_uri"]).update_run(state["parent_run_id"], status="RUNNING")
     try:
         results = tune.Tuner.restore(path, trainable=tune.with_resources(
             make_trainable(state["method"], state["config"]), per_trial),
@@ -229,6 +286,7 @@ def conclude(state: dict, path: str, results) -> int:
     protocol = tracking.protocol(state["fixed_params"])
     if best is not None:
         best_run = find_child(client, state, best_row["trial_id"])
+        drop_unregistered_models(client, state["experiment_id"], best_run)
         with tempfile.TemporaryDirectory() as d:
             ckpt = best.checkpoint.to_directory(os.path.join(d, "ckpt"))
             description = tracking.describe_search(state, table, best_row, protocol, best_run, None)
@@ -304,6 +362,19 @@ def print_pareto(front: str) -> None:
         for line in progress.wrap(f"  {t['val_auroc']:.4f} {t['val_acc']:.4f}  {t['trial_id']}:",
                                   params, 6):
             print(line)
+
+
+def drop_unregistered_models(client: MlflowClient, experiment_id: str, run_id: str) -> list[str]:
+    """Deletes the models logged under `run_id` that no registered version points at (what an
+    interrupted champion registration leaves behind); returns their ids."""
+    versions = client.search_model_versions(f"run_id = '{run_id}'")
+    # A version names its model by model_id, or (registered from models:/<id>) by its source.
+    registered = {v.model_id for v in versions} | {v.source.removeprefix("models:/") for v in versions}
+    orphans = [m.model_id for m in client.search_logged_models([experiment_id], f"source_run_id = '{run_id}'")
+               if m.model_id not in registered]
+    for model_id in orphans:
+        client.delete_logged_model(model_id)
+    return orphans
 
 
 def find_child(client: MlflowClient, state: dict, trial_id: str) -> str:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 from datetime import datetime
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -89,6 +90,74 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--verbose", action="store_true",
                    help="show Ray's, Tune's, MLflow's and Optuna's own start-up and progress messages")
     return p.parse_args(argv)
+
+
+# Stores a search can track to: MLflow's server, its SQL stores and its file store.
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file")
+
+
+def local_store_uri() -> str:
+    """Returns the tracking URI used when none is given: a SQLite file under ./mlruns."""
+    return f"sqlite:///{os.path.abspath(os.path.join('mlruns', 'mlflow.db'))}"
+
+
+def check_writable_folder(path: str, what: str) -> None:
+    """Raises UsageError (one line) unless `path` is a folder we can write in, or can be created
+    under one; probes with a temporary file that is removed at once, so nothing stays."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UsageError(f"{what} {path}: {probe} is a file; expected a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise UsageError(f"{what} {path}: cannot write in {probe} ({e.strerror}); "
+                         f"expected a writable folder") from None
+
+
+def check_sqlite_store(uri: str, path: str) -> None:
+    """Raises UsageError (one line) if a SQLite tracking store is read-only or locked by another
+    writer; an existing store is probed in a transaction that is rolled back."""
+    check_writable_folder(os.path.dirname(os.path.abspath(path)), "--tracking-uri")
+    if not os.path.exists(path):
+        return
+    if not os.path.isfile(path):
+        raise UsageError(f"--tracking-uri {uri}: {path} is not a file; expected a SQLite database")
+    import sqlite3
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=2, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("CREATE TABLE main._tailtune_probe (x)")
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        raise UsageError(f"--tracking-uri {uri}: the SQLite store cannot be written ({e}); "
+                         f"expected a writable store no other program holds locked") from None
+
+
+def check_tracking_uri(uri: str | None) -> None:
+    """Raises UsageError or ConnectionError (one line) unless `uri` (None: the local store) is a
+    store a search can write to: an MLflow server that answers, or a writable SQLite, SQL or
+    file store."""
+    uri = uri or local_store_uri()
+    scheme = uri.partition("://")[0].split("+")[0].lower() if "://" in uri else ""
+    if not scheme:   # a plain folder: MLflow's file store
+        check_writable_folder(uri, "--tracking-uri")
+        return
+    if scheme not in TRACKING_SCHEMES:
+        raise UsageError(f"--tracking-uri {uri}: unsupported scheme {scheme!r}; accepted: "
+                         f"{', '.join(f'{s}://' for s in TRACKING_SCHEMES)} or a folder")
+    if scheme == "sqlite":
+        if not uri.startswith("sqlite:///") or len(uri) == len("sqlite:///"):
+            raise UsageError(f"--tracking-uri {uri}: expected sqlite:///PATH to a database file")
+        check_sqlite_store(uri, uri[len("sqlite:///"):])
+    elif scheme == "file":
+        check_writable_folder(uri[len("file://"):], "--tracking-uri")
+    check_server(uri)
 
 
 def check_server(uri: str, timeout_s: float = 10.0) -> None:
@@ -218,11 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.resume:
             state, path = load_state(args)
-            check_server(state["tracking_uri"])
+            check_writable_folder(path, "--storage")
+            check_tracking_uri(state["tracking_uri"])
         else:
             plan = build_plan(args)
-            if args.tracking_uri:
-                check_server(args.tracking_uri)
+            check_writable_folder(args.storage, "--storage")
+            check_tracking_uri(args.tracking_uri)
             record = check_data_and_space(plan)
             state, path = None, None
     except (UsageError, data.MissingDataError, ConnectionError) as e:

@@ -40,7 +40,7 @@ def test_bad_choices_are_one_line_errors(field, value):
 
 @pytest.mark.parametrize("field", ["eval_every", "checkpoint_every", "batch_size"])
 def test_counts_below_one_are_refused(field):
-    with pytest.raises(ValueError, match=f"{field}=0; expected an integer >= 1"):
+    with pytest.raises(ValueError, match=f"{field}=0; accepted: an integer >= 1"):
         TrainConfig(**{field: 0})
 
 

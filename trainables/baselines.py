@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from trainables import augment, losses, models
-from trainables.config import TrainConfig
+from trainables.config import TrainConfig, integer, number, one_of, positive
 from trainables.method import Batch, Method
 
 IMBALANCE_LOSSES = ("ce", "la")
@@ -54,11 +54,10 @@ class BaselineConfig(TrainConfig):
     cutout: int = 0                      # px; the recipe has none (the engine's default is 16)
     # Outliers per ID image (m / B) when outlier_batch_size is not set: 512 : 128 in the code.
     outlier_ratio: float = 4.0
+    ACCEPTS = {"cutout": integer(0, 32), "outlier_ratio": positive()}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.outlier_ratio <= 0:
-            raise ValueError(f"outlier_ratio={self.outlier_ratio}; accepted: a number > 0")
         if self.outlier_batch_size is None:
             self.outlier_batch_size = max(1, round(self.outlier_ratio * self.batch_size))
 
@@ -66,6 +65,7 @@ class BaselineConfig(TrainConfig):
 @dataclass
 class LaConfig(BaselineConfig):
     tau: float = 1.0                     # τ of the adjustment τ·log π (Menon et al. 2021, Eq. 10)
+    ACCEPTS = {"tau": number(0)}
 
 
 @dataclass
@@ -77,11 +77,8 @@ class OeConfig(BaselineConfig):
     # OE's target on outliers: "uniform" (Hendrycks et al. 2019; RNA's row) or "prior", the
     # training label prior π (the OE row of Open-sampling's Table 5).
     oe_target: str = "uniform"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice("imbalance_loss", self.imbalance_loss, IMBALANCE_LOSSES)
-        check_choice("oe_target", self.oe_target, OE_TARGETS)
+    ACCEPTS = {"lambda_oe": number(0), "imbalance_loss": one_of(*IMBALANCE_LOSSES), "tau": number(0),
+               "oe_target": one_of(*OE_TARGETS)}
 
 
 @dataclass
@@ -90,11 +87,13 @@ class EnergyOeConfig(BaselineConfig):
     m_in: float | None = None            # ID energies pushed below m_in; None -> -23 / -27 (CIFAR-10 / -100)
     m_out: float = -5.0                  # outlier energies pushed above m_out
     ood_score: str = "energy"
+    ACCEPTS = {"lambda_energy": number(0), "m_in": number(none=True), "m_out": number()}
 
-
-def check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
-        raise ValueError(f"{name}={value!r}; accepted: {', '.join(accepted)}")
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.m_in is not None and self.m_in >= self.m_out:
+            raise ValueError(f"m_in={self.m_in} with m_out={self.m_out}; accepted: m_in < m_out "
+                             f"(ID energies are pushed below m_in, outliers above m_out)")
 
 
 def imbalance_loss(kind: str, logits: torch.Tensor, y: torch.Tensor, prior_log: torch.Tensor,

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from trainables import augment, losses, models
-from trainables.config import TrainConfig
+from trainables.config import FLAG, TrainConfig, integer, number, one_of, positive
 from trainables.method import Batch, Method, TrainData
 
 V_MODES = ("log", "l2_ratio")
@@ -63,11 +63,7 @@ class CalaConfig(TrainConfig):
     # lr_at multiplies by 0.1 per entry reached, so two entries per epoch give ×0.01 at 160 and 180.
     lr_milestones: tuple[float, ...] = (0.8, 0.8, 0.9, 0.9)
     ood_score: str = "energy"        # CALA has no OOD score of its own: a post-hoc one on raw logits
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.knn_k < 1:
-            raise ValueError(f"knn_k={self.knn_k}; accepted: an integer >= 1")
+    ACCEPTS = {"tau1": number(0), "tau2": number(0), "knn_k": integer(1)}
 
 
 @dataclass
@@ -80,18 +76,9 @@ class HeuristicConfig(CalaConfig):
     bank_samples_per_class: int = 10  # bank = ceil(this·C / batch_size) + 1 batches (code: 10)
     exclude_self: bool = False       # leave x out of its own neighbourhood (the code keeps it)
     v_start_epoch: int = 0           # v = 0 before this epoch, while predictions are still noise
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.v_mode not in V_MODES:
-            raise ValueError(f"v_mode={self.v_mode!r}; accepted: {', '.join(V_MODES)}")
-        if not 0.0 <= self.smooth_alpha <= 1.0:
-            raise ValueError(f"smooth_alpha={self.smooth_alpha}; accepted: a number in [0, 1]")
-        if self.mixup_alpha < 0:
-            raise ValueError(f"mixup_alpha={self.mixup_alpha}; accepted: a number >= 0 (0 = no Mixup)")
-        if self.bank_samples_per_class < 1:
-            raise ValueError(f"bank_samples_per_class={self.bank_samples_per_class}; "
-                             f"accepted: an integer >= 1")
+    ACCEPTS = {"smooth_alpha": number(0, 1), "mixup_alpha": number(0), "v_mode": one_of(*V_MODES),
+               "v_eps": positive(), "v_clip": positive(), "bank_samples_per_class": integer(1),
+               "exclude_self": FLAG, "v_start_epoch": integer(0)}
 
 
 @dataclass
@@ -103,15 +90,9 @@ class MetaConfig(CalaConfig):
     meta_interval: int = 1           # steps between meta updates (Alg. A-2: every step; code 20)
     meta_hidden: int = 200           # width of the adjustment MLP (code)
     meta_out: str = "per_class"      # "per_class": δ ∈ R^C | "gt_scalar": δ = s·onehot(y)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.meta_out not in META_OUTS:
-            raise ValueError(f"meta_out={self.meta_out!r}; accepted: {', '.join(META_OUTS)}")
-        if self.meta_interval < 1:
-            raise ValueError(f"meta_interval={self.meta_interval}; accepted: an integer >= 1")
-        if self.meta_batch_size < 1:
-            raise ValueError(f"meta_batch_size={self.meta_batch_size}; accepted: an integer >= 1")
+    ACCEPTS = {"meta_per_class": integer(0), "meta_batch_size": integer(1), "meta_lr": positive(),
+               "meta_weight_decay": number(0), "meta_interval": integer(1), "meta_hidden": integer(1),
+               "meta_out": one_of(*META_OUTS)}
 
 
 # -- the loss (both variants) ------------------------------------------------------------------

@@ -57,7 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainables import augment, losses, models, scores
-from trainables.config import TrainConfig
+from trainables.config import TrainConfig, integer, number, one_of, positive
 from trainables.method import Batch, Method as BaseMethod
 from trainables.pascl import tail_classes
 
@@ -90,17 +90,14 @@ class CoclConfig(TrainConfig):
     # Test time.
     tau_olc: float = 1.0                 # τ of OLC; 0 = raw logits
 
+    ACCEPTS = {"outlier_ratio": positive(), "ood_score": one_of(*OOD_SCORES), "lambda_ocl": number(0),
+               "lambda_tail": number(0), "lambda_head": number(0), "temperature": positive(),
+               "margin": number(0), "head_rate": number(0, 1, low_open=True, high_open=True),
+               "tail_rate": number(0, 1, low_open=True, high_open=True), "prototype_heads": integer(1),
+               "tau_olc": number(0)}
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.ood_score not in OOD_SCORES:
-            raise ValueError(f"ood_score={self.ood_score!r}; accepted: {', '.join(OOD_SCORES)}")
-        for name in ("head_rate", "tail_rate"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}; accepted: 0 < value < 1")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature}; accepted: > 0")
-        if self.outlier_ratio <= 0:
-            raise ValueError(f"outlier_ratio={self.outlier_ratio}; accepted: a number > 0")
         if self.outlier_batch_size is None:
             self.outlier_batch_size = max(1, round(self.outlier_ratio * self.batch_size))
 

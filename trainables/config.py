@@ -9,7 +9,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "tailtune")
 # Offline test-OOD sets (see trainables.data); online-only ones are tried and skipped if absent.
@@ -17,6 +17,92 @@ DEFAULT_TEST_OOD = ("cifar100", "tin", "textures", "svhn", "mnist", "fashion_mni
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Validation OOD is synthetic only: the search never sees a test OOD set (DARL spec §4.2).
 DEFAULT_VAL_OOD = ("gaussian", "rademacher", "blobs")
+
+
+# The scores of trainables.scores, by name (kept here so a config is checked without torch): on
+# the logits, then the feature-based detectors (trainables.detectors).
+OOD_SCORES = ("msp", "energy", "max_logit", "odin", "knn", "mahalanobis", "mahalanobis_pp", "react")
+
+
+@dataclass(frozen=True)
+class Accepts:
+    """What a config field accepts: a number or integer in [low, high] (either bound may be open
+    or absent), one of `choices`, any text, or a list of names / of fractions in [0, 1]; `none`
+    lets None through (a field whose None means "derive it")."""
+    kind: str                            # "number" | "integer" | "choice" | "text" | "names" | "fractions"
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple = ()
+    none: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.none
+        if self.kind == "choice":   # 1 is not True here
+            return (type(value), value) in {(type(c), c) for c in self.choices}
+        if self.kind == "text":
+            return isinstance(value, str)
+        if self.kind == "names":
+            return isinstance(value, (tuple, list)) and all(isinstance(v, str) and v for v in value)
+        if self.kind == "fractions":
+            return isinstance(value, (tuple, list)) and all(
+                _is_number(v) and math.isfinite(v) and 0 <= v <= 1 for v in value)
+        if not _is_number(value) or (self.kind == "integer" and not isinstance(value, int)):
+            return False
+        if not math.isfinite(value):
+            return False
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return low_ok and high_ok
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            text = ", ".join(map(str, self.choices))
+        elif self.kind == "text":
+            text = "a string"
+        elif self.kind == "names":
+            text = "a list of names"
+        elif self.kind == "fractions":
+            text = "a list of numbers in [0, 1]"
+        else:
+            noun = "an integer" if self.kind == "integer" else "a number"
+            if self.low is not None and self.high is not None:
+                text = (f"{noun} in {'(' if self.low_open else '['}{self.low:g}, "
+                        f"{self.high:g}{')' if self.high_open else ']'}")
+            elif self.low is not None:
+                text = f"{noun} {'>' if self.low_open else '>='} {self.low:g}"
+            elif self.high is not None:
+                text = f"{noun} {'<' if self.high_open else '<='} {self.high:g}"
+            else:
+                text = f"a finite {noun.split()[1]}"
+        return f"{text} or null" if self.none else text
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False, none: bool = False) -> Accepts:
+    return Accepts("number", low, high, low_open, high_open, none=none)
+
+
+def positive(none: bool = False) -> Accepts:
+    return Accepts("number", 0, None, low_open=True, none=none)
+
+
+def integer(low: int | None = None, high: int | None = None, *, none: bool = False) -> Accepts:
+    return Accepts("integer", low, high, none=none)
+
+
+def one_of(*choices: Any) -> Accepts:
+    return Accepts("choice", choices=choices)
+
+
+FLAG = one_of(True, False)
+TEXT = Accepts("text")
 
 
 def default_test_ood(dataset: str) -> tuple[str, ...]:
@@ -84,6 +170,29 @@ class TrainConfig:
     eval_every: int = 1                 # validate (and report) every N epochs, and at the last
     checkpoint_every: int = 1           # in reported epochs
 
+    # What each field accepts, checked when a config is built (`validate`). A subclass declares
+    # its own fields (and any field whose range it narrows) in its own ACCEPTS; every field of
+    # every config must be declared (tests/test_bad_input.py checks it).
+    ACCEPTS: ClassVar[dict[str, Accepts]] = {
+        "dataset": one_of("cifar10", "cifar100"), "imbalance_ratio": number(1),
+        "val_per_class": integer(0), "n_max": integer(1, none=True),
+        "test_per_class": integer(1, none=True), "split_seed": integer(0),
+        "data_dir": Accepts("text", none=True), "cache_dir": TEXT, "download": FLAG,
+        "val_ood": Accepts("names"), "val_ood_size": integer(1), "test_ood": Accepts("names"),
+        "ood_max_images": integer(1, none=True), "meta_per_class": integer(0), "outlier_set": TEXT,
+        "outlier_batch_size": integer(1, none=True), "outlier_max_images": integer(1, none=True),
+        "epochs": integer(1), "optimizer": one_of("sgd", "adam"), "lr_schedule": one_of("step", "cosine"),
+        "batch_size": integer(1), "lr": positive(), "momentum": number(0, 1, high_open=True),
+        "nesterov": FLAG, "weight_decay": number(0), "warmup_epochs": integer(0),
+        "warmup_method": one_of("constant", "linear", "ldam"), "lr_milestones": Accepts("fractions"),
+        "seed": integer(0), "device": TEXT, "precision": one_of("auto", "fp32", "bf16"),
+        "channels_last": one_of("auto", True, False), "fused_optimizer": one_of("auto", True, False),
+        "compile": one_of(*COMPILE_MODES), "ood_score": one_of(*OOD_SCORES),
+        "odin_temperature": positive(), "odin_eps": number(0), "eval_batch_size": integer(1),
+        "eval_every": integer(1), "checkpoint_every": integer(1),
+        "ood_energy_temperature": positive(), "ood_knn_k": integer(1),
+        "ood_react_percentile": number(0, 100, low_open=True), "posthoc_sweep": FLAG}
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]):
         """Returns a config from a flat dict; unknown keys raise ValueError naming them."""
@@ -95,24 +204,27 @@ class TrainConfig:
         return cls(**cast)
 
     def __post_init__(self) -> None:
-        for name, value, accepted in (("optimizer", self.optimizer, ("sgd", "adam")),
-                                      ("lr_schedule", self.lr_schedule, ("step", "cosine")),
-                                      ("warmup_method", self.warmup_method, ("constant", "linear", "ldam")),
-                                      ("precision", self.precision, ("auto", "fp32", "bf16")),
-                                      ("channels_last", self.channels_last, ("auto", True, False)),
-                                      ("fused_optimizer", self.fused_optimizer, ("auto", True, False)),
-                                      ("compile", self.compile, COMPILE_MODES),
-                                      ("posthoc_sweep", self.posthoc_sweep, (True, False))):
-            if (type(value), value) not in {(type(a), a) for a in accepted}:   # 1 is not True here
-                raise ValueError(f"{name}={value!r}; accepted: {', '.join(map(str, accepted))}")
-        for name in ("eval_every", "checkpoint_every", "batch_size", "eval_batch_size", "ood_knn_k"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r}; expected an integer >= 1")
-        if not self.ood_energy_temperature > 0:
-            raise ValueError(f"ood_energy_temperature={self.ood_energy_temperature!r}; expected a number > 0")
-        if not 0 < self.ood_react_percentile <= 100:
-            raise ValueError(f"ood_react_percentile={self.ood_react_percentile!r}; expected a percentile "
-                             f"in (0, 100]")
+        self.validate()
+
+    @classmethod
+    def accepted(cls) -> dict[str, Accepts]:
+        """Returns every field's accepted values: the class's ACCEPTS over its bases'."""
+        merged: dict[str, Accepts] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("ACCEPTS", {}))
+        return merged
+
+    def validate(self) -> None:
+        """Raises ValueError, one line naming the field, its value and what it accepts, for the
+        first field outside its declared range."""
+        accepted = self.accepted()
+        for f in dataclasses.fields(self):
+            rule = accepted.get(f.name)
+            if rule is None:
+                raise TypeError(f"{type(self).__name__}.{f.name} declares no accepted values (ACCEPTS)")
+            value = getattr(self, f.name)
+            if not rule.accepts(value):
+                raise ValueError(f"{f.name}={value!r}; accepted: {rule.describe()}")
 
     def speed(self, device_type: str) -> dict[str, Any]:
         """Returns the speed settings resolved for a device type ("cuda", "cpu"): "auto" is on

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from trainables import augment, lgla, metrics, models
-from trainables.config import TrainConfig
+from trainables.config import FLAG, TrainConfig, integer, number, one_of, positive
 from trainables.method import Batch, Method as BaseMethod
 
 
@@ -35,6 +35,12 @@ class DarlConfig(TrainConfig):
     use_aaw: bool = True
     ala_detach: bool = True
     ala_energy_source: str = "expert"    # "expert" (per-expert logits) | "ensemble"
+
+    ACCEPTS = {"num_experts": integer(1), "expert_shortcut": one_of(*models.EXPERT_SHORTCUTS),
+               "cos_scale": positive(), "tau_gla": positive(none=True), "tau_energy": positive(),
+               "mixup_alpha": positive(), "lambda_mix": number(0), "use_mixup": FLAG, "use_cutmix": FLAG,
+               "use_ala": FLAG, "use_aaw": FLAG, "ala_detach": FLAG,
+               "ala_energy_source": one_of("expert", "ensemble")}
 
 
 def energy(z: torch.Tensor, tau: float) -> torch.Tensor:

@@ -9,6 +9,7 @@ mtime, so later runs (and parallel trials) only read the cache.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -17,6 +18,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Callable, Iterator
@@ -38,6 +40,10 @@ _HOW_TO_PROVIDE = "pass --data-dir pointing at a folder with {name}.tar.gz, or a
 
 class MissingDataError(RuntimeError):
     """Raised when no source of a required data set could be found or downloaded."""
+
+
+class DamagedDataError(MissingDataError):
+    """Raised when a data archive exists but cannot be read to its end (truncated, corrupt)."""
 
 
 @dataclass(frozen=True)
@@ -322,16 +328,21 @@ def _is_image(parts: tuple[str, ...]) -> bool:
 
 
 def _archive_entries(path: str) -> Iterator[tuple[tuple[str, ...], bytes]]:
-    """Yield (path parts below the archive's top-level folder, file bytes) for each image."""
-    with tarfile.open(path, "r:gz") as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            parts = tuple(p for p in PurePosixPath(member.name).parts if p not in (".", "/"))[1:]
-            if _is_image(parts):
-                handle = archive.extractfile(member)
-                if handle is not None:
-                    yield parts, handle.read()
+    """Yield (path parts below the archive's top-level folder, file bytes) for each image;
+    DamagedDataError naming the archive if it is truncated or not a gzipped tar."""
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                parts = tuple(p for p in PurePosixPath(member.name).parts if p not in (".", "/"))[1:]
+                if _is_image(parts):
+                    handle = archive.extractfile(member)
+                    if handle is not None:
+                        yield parts, handle.read()
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DamagedDataError(f"archive {path} is damaged ({_one_line(e)}); replace it with a "
+                               f"complete copy, or remove it to use another source") from None
 
 
 def _folder_entries(path: str) -> Iterator[tuple[tuple[str, ...], bytes]]:

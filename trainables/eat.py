@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from trainables import augment, models, scores
 from trainables.cocl import most_frequent_classes
-from trainables.config import TrainConfig
+from trainables.config import TrainConfig, integer, number, one_of, positive
 from trainables.method import Batch, Method as BaseMethod, TrainData
 from trainables.pascl import tail_classes
 
@@ -81,19 +81,10 @@ class EatConfig(TrainConfig):
     tail_fraction: float = 0.4           # pasted: the bottom C - round((1 - f) C) classes
     cutmix_beta: float = 0.9999          # λ ~ Beta(β, β) of each paste group
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.ood_score not in OOD_SCORES:
-            raise ValueError(f"ood_score={self.ood_score!r}; accepted: {', '.join(OOD_SCORES)}")
-        if self.abstention_ratio <= 0:
-            raise ValueError(f"abstention_ratio={self.abstention_ratio}; accepted: > 0 "
-                             f"(round(ratio · C) abstention classes, at least 1)")
-        for name in ("head_fraction", "tail_fraction"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}; accepted: 0 < value < 1")
-        if self.num_heads < 1:
-            raise ValueError(f"num_heads={self.num_heads}; accepted: an integer >= 1")
-
+    ACCEPTS = {"ood_score": one_of(*OOD_SCORES), "lambda_cutmix": number(0), "lambda_ood": number(0),
+               "abstention_ratio": positive(), "num_heads": integer(1),
+               "head_fraction": number(0, 1, low_open=True, high_open=True),
+               "tail_fraction": number(0, 1, low_open=True, high_open=True), "cutmix_beta": positive()}
 
 def num_abstention_classes(num_classes: int, ratio: float) -> int:
     """Returns A = round(ratio · C); ValueError if that is 0."""

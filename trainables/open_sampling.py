@@ -21,8 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainables.baselines import (IMBALANCE_LOSSES, BaselineConfig, CrossEntropy, check_choice,
-                                  imbalance_loss, joint_logits)
+from trainables.baselines import (IMBALANCE_LOSSES, BaselineConfig, CrossEntropy, imbalance_loss,
+                                  joint_logits)
+from trainables.config import FLAG, TEXT, integer, number, one_of, positive
 from trainables.method import Batch
 
 LABEL_DISTRIBUTIONS = ("complementary", "mcd", "uniform", "cb", "original", "single:<class>")
@@ -49,11 +50,13 @@ class OpenSamplingConfig(BaselineConfig):
     imbalance_loss: str = "ce"
     tau: float = 1.0                     # τ of imbalance_loss = "la"; Open-sampling itself has no τ
     os_start_epoch: int = 0              # L_reg from this 0-based epoch on; 0 = paper (§3.8)
+    ACCEPTS = {"eta": number(0), "label_dist": TEXT, "alpha": positive(none=True),
+               "alpha_scale": number(1, none=True), "cb_beta": number(0, 1, high_open=True),
+               "use_weight": FLAG, "reg_norm": one_of(*REG_NORMS),
+               "imbalance_loss": one_of(*IMBALANCE_LOSSES), "tau": number(0), "os_start_epoch": integer(0)}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice("imbalance_loss", self.imbalance_loss, IMBALANCE_LOSSES)
-        check_choice("reg_norm", self.reg_norm, REG_NORMS)
         kind, _, cls = self.label_dist.partition(":")
         if self.label_dist not in LABEL_DISTRIBUTIONS[:-1] and not (kind == "single" and cls.isdigit()):
             raise ValueError(f"label_dist={self.label_dist!r}; accepted: {', '.join(LABEL_DISTRIBUTIONS)}")
@@ -62,8 +65,6 @@ class OpenSamplingConfig(BaselineConfig):
         if (self.alpha is not None or self.alpha_scale is not None) and kind != "complementary":
             raise ValueError(f"alpha / alpha_scale apply to label_dist='complementary' only, "
                              f"not {self.label_dist!r}")
-        if self.alpha_scale is not None and self.alpha_scale < 1:
-            raise ValueError(f"alpha_scale={self.alpha_scale}; accepted: >= 1 (Prop. 2.3 needs α >= max β)")
         if self.eta < 0:
             raise ValueError(f"eta={self.eta}; accepted: a number >= 0")
 

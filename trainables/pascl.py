@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainables import losses, models
-from trainables.config import TrainConfig
+from trainables.config import FLAG, TrainConfig, integer, number, positive
 from trainables.method import Batch, Method as BaseMethod, TrainData
 
 
@@ -68,14 +68,9 @@ class PasclConfig(TrainConfig):
     tail_fraction: float = 0.4           # k: the bottom k of classes by count are the anchors
     head_negatives: bool = False         # True: head ID views join the denominator (not official)
     projection_dim: int = 128
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 < self.tail_fraction <= 1:
-            raise ValueError(f"tail_fraction={self.tail_fraction}; accepted: 0 < k <= 1 "
-                             f"(k = 0 would be plain OE)")
-        if self.temperature is not None and self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature}; accepted: > 0 or None")
+    ACCEPTS = {"lambda_oe": number(0), "lambda_pascl": number(0, none=True),
+               "temperature": positive(none=True), "tail_fraction": number(0, 1, low_open=True),
+               "head_negatives": FLAG, "projection_dim": integer(1)}
 
 
 def default_lambda_pascl(num_classes: int) -> float:

@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainables import darl, lgla
-from trainables.config import TrainConfig
+from trainables import darl, lgla, models
+from trainables.config import FLAG, TrainConfig, integer, number, one_of, positive
 from trainables.darl import ala_factor, soft_cross_entropy
 from trainables.method import Batch, TrainData
 
@@ -70,19 +70,13 @@ class RicassoConfig(TrainConfig):
     use_mixup: ClassVar[bool] = True
     use_cutmix: ClassVar[bool] = True
     lambda_mix: ClassVar[float] = 1.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.dec_rows not in DEC_ROWS:
-            raise ValueError(f"dec_rows={self.dec_rows!r}; accepted: {', '.join(DEC_ROWS)}")
-        for name in ("mixup_alpha", "cos_scale"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)}; accepted: a number > 0")
-        if self.hat_sampler_rho < 0:
-            raise ValueError(f"hat_sampler_rho={self.hat_sampler_rho}; accepted: a number >= 0 "
-                             f"(1 class-balanced, 2 reversed)")
-        if self.rcl_proj_dim < 2:
-            raise ValueError(f"rcl_proj_dim={self.rcl_proj_dim}; accepted: an integer >= 2")
+    ACCEPTS = {"num_experts": integer(1), "expert_shortcut": one_of(*models.EXPERT_SHORTCUTS),
+               "cos_scale": positive(), "tau_gla": positive(none=True), "tau_energy": positive(none=True),
+               "mixup_alpha": positive(), "hat_sampler_rho": number(0), "lambda_cbcl": number(0),
+               "lambda_rcl": number(0), "cbcl_gamma_pos": number(0), "cbcl_gamma_neg": number(0),
+               "cbcl_eps_num": number(0), "cbcl_eps_den": number(0), "cbcl_normalize": FLAG,
+               "dec_rows": one_of(*DEC_ROWS), "rcl_proj_dim": integer(2), "use_mix_in_cls": FLAG,
+               "use_hat_stream": FLAG, "use_aala": FLAG, "use_aaw": FLAG, "use_cbcl": FLAG, "use_rcl": FLAG}
 
 
 def hat_sampler_weights(labels: torch.Tensor, counts: list[int], rho: float) -> torch.Tensor:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from trainables import augment, losses, models, scores
-from trainables.config import TrainConfig
+from trainables.config import FLAG, TrainConfig, integer, number, one_of
 from trainables.method import Batch, Method as BaseMethod
 
 OOD_SCORES = ("rn", *scores.NAMES)
@@ -57,13 +57,8 @@ class RnaConfig(TrainConfig):
     bn_affine_shortcut: bool = True      # official code: the 3 shortcut BNs keep γ, β (spec A1)
     proj_type: str = "mlp"               # h_φ: mlp (paper) | linear (W_h) | none (||f||); Table 15
     proj_dim: int = 128
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.ood_score not in OOD_SCORES:
-            raise ValueError(f"ood_score={self.ood_score!r}; accepted: {', '.join(OOD_SCORES)}")
-        if self.proj_type not in models.PROJECTIONS:
-            raise ValueError(f"proj_type={self.proj_type!r}; accepted: {', '.join(models.PROJECTIONS)}")
+    ACCEPTS = {"ood_score": one_of(*OOD_SCORES), "lambda_rna": number(0), "tau_la": number(0),
+               "bn_affine_shortcut": FLAG, "proj_type": one_of(*models.PROJECTIONS), "proj_dim": integer(1)}
 
 
 def rna_loss(projected: torch.Tensor) -> torch.Tensor:
