@@ -297,7 +297,7 @@ def test_pull_of_a_missing_model_is_one_line(capsys, pull_dir, tracking_uri):
 # -- search/compare.py -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--methods", "foo"], "error: unknown method 'foo'; expected one of: cala, cala_meta, ce, darl"),
+    (["--methods", "foo"], "error: unknown method 'foo'; expected one of: cala, cala_meta, ce, cocl, darl"),
     (["--methods", "ce,foo"], "error: unknown method 'foo'"),
     (["--set", "bogus=1"], "error: unknown config keys ['bogus']"),
     (["--set", "weight_decay=-0.1"], "error: weight_decay=-0.1; accepted: a number >= 0"),

@@ -93,9 +93,9 @@ def test_experts_are_concatenated_in_order():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("ood_knn_k", 0, "ood_knn_k=0; expected an integer >= 1"),
-    ("ood_react_percentile", 150.0, r"ood_react_percentile=150.0; expected a percentile in \(0, 100\]"),
-    ("ood_energy_temperature", 0.0, "ood_energy_temperature=0.0; expected a number > 0"),
+    ("ood_knn_k", 0, "ood_knn_k=0; accepted: an integer >= 1"),
+    ("ood_react_percentile", 150.0, r"ood_react_percentile=150.0; accepted: a number in \(0, 100\]"),
+    ("ood_energy_temperature", 0.0, "ood_energy_temperature=0.0; accepted: a number > 0"),
     ("posthoc_sweep", "yes", "posthoc_sweep='yes'; accepted: True, False")])
 def test_bad_detector_settings_are_one_line_errors(field, value, message):
     with pytest.raises(ValueError, match=message):
