@@ -626,8 +626,11 @@ _SYNTHETIC = ("gaussian", "uniform", "blobs", "rademacher")
 
 
 def ood_set_names() -> list[str]:
-    """Return the names of all registered real test-OOD sets."""
-    return list(_OOD_REGISTRY)
+    """Return the names of all registered real test-OOD sets, the release-format ones of
+    trainables.ood_sets included."""
+    from trainables import ood_sets  # it builds on this module
+
+    return list(dict.fromkeys(list(_OOD_REGISTRY) + ood_sets.names()))
 
 
 def synthetic_names() -> list[str]:
@@ -641,7 +644,7 @@ def check_ood_names(names: list[str], id_name: str) -> None:
     for name in names:
         if name not in valid:
             raise ValueError(f"unknown OOD set '{name}'; accepted: {', '.join(valid)}")
-        if name == id_name:
+        if name in (id_name, f"{id_name}_test", f"scood_{id_name}"):
             raise ValueError(
                 f"OOD set '{name}' is the in-distribution set; accepted: any of "
                 f"{', '.join(n for n in valid if n != id_name)}"
@@ -706,7 +709,15 @@ def load_ood(
     With max_images, return a seeded random subset of that many images in original order.
     """
     if name not in _OOD_REGISTRY:
-        raise ValueError(f"unknown OOD set '{name}'; accepted: {', '.join(ood_set_names())}")
+        from trainables import ood_sets
+
+        if not ood_sets.is_release_set(name):
+            raise ValueError(f"unknown OOD set '{name}'; accepted: {', '.join(ood_set_names())}")
+        try:
+            return ood_sets.load(name, data_dir, cache_dir, download, max_images=max_images, seed=seed)
+        except MissingDataError as e:
+            print(f"notice: {e}; skipped", file=sys.stderr)
+            return None
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images={max_images}; accepted: None or an integer >= 1")
     x, looked = _ood_pixels(name, data_dir, cache_dir, download)
