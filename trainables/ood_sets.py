@@ -64,7 +64,8 @@ class Release:
     """Where a test-OOD set lives and how it is read.
 
     Image releases: image files below `<stem>/<inner>` of a folder or archive named by `stems` /
-    `archives`. Torchvision releases: `tv_marker` under a torchvision root, read by `tv_make`.
+    `archives`. Array releases: the file `tv_marker` under a data or download root, in the layout
+    torchvision downloads, read by `reader`. `tv_make` downloads (through torchvision).
     """
 
     name: str
@@ -75,8 +76,34 @@ class Release:
     inner: str = ""
     tv_marker: str | None = None
     tv_make: Callable[[str, bool], object] | None = None
+    reader: Callable[[str], np.ndarray] | None = None   # marker file -> uint8 [N, H, W(, 3)]
     tv_folder: str = ""                    # image releases torchvision downloads: the stem's path
     how_to_get: str = ""
+
+
+def read_cifar_pickle(path: str) -> np.ndarray:
+    """Returns uint8 [N, 32, 32, 3] from a CIFAR python-version batch (`data`: N x 3072, CHW)."""
+    import pickle
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    flat = np.asarray(batch[b"data"], dtype=np.uint8)
+    return np.ascontiguousarray(flat.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+
+
+def read_svhn_mat(path: str) -> np.ndarray:
+    """Returns uint8 [N, 32, 32, 3] from SVHN's cropped-digits .mat file (`X`: 32 x 32 x 3 x N)."""
+    from scipy.io import loadmat
+    return np.ascontiguousarray(np.asarray(loadmat(path)["X"], dtype=np.uint8).transpose(3, 0, 1, 2))
+
+
+def read_idx_images(path: str) -> np.ndarray:
+    """Returns uint8 [N, H, W] from an IDX image file (MNIST's `t10k-images-idx3-ubyte`)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if int.from_bytes(raw[:4], "big") != 2051:
+        raise ValueError(f"{path}: magic {int.from_bytes(raw[:4], 'big')}; accepted: 2051 (IDX uint8 images)")
+    n, h, w = (int.from_bytes(raw[4 * i:4 * i + 4], "big") for i in (1, 2, 3))
+    return np.frombuffer(raw, dtype=np.uint8, offset=16, count=n * h * w).reshape(n, h, w)
 
 
 def _tv(class_name: str, **kwargs) -> Callable[[str, bool], object]:
@@ -105,14 +132,17 @@ RELEASES: dict[str, Release] = {r.name: r for r in (
     Release("places365", "Places365 official val (256x256)", 36_500, ("val_256",), ("val_256.tar",),
             tv_make=_tv("Places365", split="val", small=True), tv_folder="val_256",
             how_to_get="val_256.tar (torchvision downloads it)"),
-    Release("cifar100_test", "CIFAR-100 official test split", 10_000, tv_marker="cifar-100-python",
-            tv_make=_tv("CIFAR100", train=False), how_to_get="torchvision's CIFAR100 folder"),
-    Release("cifar10_test", "CIFAR-10 official test split", 10_000, tv_marker="cifar-10-batches-py",
-            tv_make=_tv("CIFAR10", train=False), how_to_get="torchvision's CIFAR10 folder"),
+    Release("cifar100_test", "CIFAR-100 official test split", 10_000, tv_marker="cifar-100-python/test",
+            tv_make=_tv("CIFAR100", train=False), reader=read_cifar_pickle,
+            how_to_get="cifar-100-python (torchvision downloads it)"),
+    Release("cifar10_test", "CIFAR-10 official test split", 10_000, tv_marker="cifar-10-batches-py/test_batch",
+            tv_make=_tv("CIFAR10", train=False), reader=read_cifar_pickle,
+            how_to_get="cifar-10-batches-py (torchvision downloads it)"),
     Release("svhn", "SVHN test split", 26_032, tv_marker="test_32x32.mat", tv_make=_tv("SVHN", split="test"),
-            how_to_get="test_32x32.mat"),
-    Release("mnist", "MNIST official test split", 10_000, tv_marker="MNIST/raw", tv_make=_tv("MNIST", train=False),
-            how_to_get="torchvision's MNIST folder"),
+            reader=read_svhn_mat, how_to_get="test_32x32.mat (torchvision downloads it)"),
+    Release("mnist", "MNIST official test split", 10_000, tv_marker="MNIST/raw/t10k-images-idx3-ubyte",
+            tv_make=_tv("MNIST", train=False), reader=read_idx_images,
+            how_to_get="MNIST/raw (torchvision downloads it)"),
 )}
 
 
@@ -236,11 +266,13 @@ def _release_pixels(release: Release, data_dir: str | None, cache_dir: str, down
         for root in roots:
             marker = os.path.join(root, release.tv_marker)
             if os.path.exists(marker):
-                def decode(root=root):
-                    ds = release.tv_make(root, False)
-                    x = np.empty((len(ds), data.IMAGE_SIZE, data.IMAGE_SIZE, 3), dtype=np.uint8)
-                    for i in range(len(ds)):
-                        x[i] = fit_32(ds[i][0], rule)
+                def decode(marker=marker):
+                    raw = release.reader(marker)
+                    if raw.shape[1:3] == (data.IMAGE_SIZE, data.IMAGE_SIZE) and raw.ndim == 4:
+                        return {"x": raw}
+                    x = np.empty((len(raw), data.IMAGE_SIZE, data.IMAGE_SIZE, 3), dtype=np.uint8)
+                    for i, image in enumerate(raw):
+                        x[i] = fit_32(Image.fromarray(image), rule)
                     return {"x": x}
                 return data._cached(_cache_file(cache_dir, release.name, marker, rule), decode)["x"], marker, looked
             looked.append(marker)
