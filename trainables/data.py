@@ -626,11 +626,8 @@ _SYNTHETIC = ("gaussian", "uniform", "blobs", "rademacher")
 
 
 def ood_set_names() -> list[str]:
-    """Return the names of all registered real test-OOD sets, the release-format ones of
-    trainables.ood_sets included."""
-    from trainables import ood_sets  # it builds on this module
-
-    return list(dict.fromkeys(list(_OOD_REGISTRY) + ood_sets.names()))
+    """Return the names of all registered real test-OOD sets."""
+    return list(_OOD_REGISTRY)
 
 
 def synthetic_names() -> list[str]:
@@ -640,7 +637,9 @@ def synthetic_names() -> list[str]:
 
 def check_ood_names(names: list[str], id_name: str) -> None:
     """Raise ValueError if a name is neither a real nor a synthetic OOD set, or is the ID set."""
-    valid = ood_set_names() + synthetic_names()
+    from trainables import ood_sets  # the release-format sets; it builds on this module
+
+    valid = list(dict.fromkeys(ood_set_names() + ood_sets.names())) + synthetic_names()
     for name in names:
         if name not in valid:
             raise ValueError(f"unknown OOD set '{name}'; accepted: {', '.join(valid)}")
@@ -712,7 +711,8 @@ def load_ood(
         from trainables import ood_sets
 
         if not ood_sets.is_release_set(name):
-            raise ValueError(f"unknown OOD set '{name}'; accepted: {', '.join(ood_set_names())}")
+            raise ValueError(f"unknown OOD set '{name}'; accepted: "
+                             f"{', '.join(dict.fromkeys(ood_set_names() + ood_sets.names()))}")
         try:
             return ood_sets.load(name, data_dir, cache_dir, download, max_images=max_images, seed=seed)
         except MissingDataError as e:
