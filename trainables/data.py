@@ -793,7 +793,11 @@ OUTLIER_ORDER = ("300k", "tin_aux", "gaussian")   # what "auto" tries
 GAUSSIAN_OUTLIERS = 10_000
 # Sets that share a source with an outlier set but no class or image: allowed, and noted.
 _SHARED_SOURCE = {("tin_aux", "tin"): "tin_aux and tin are both TinyImageNet but share no class "
-                                      "and no image (see the data README)"}
+                                      "and no image (see the data README)",
+                  ("tin_aux", "tin_val"): "tin_aux (train images of 83 TinyImageNet classes) shares "
+                                          "classes, not images, with tin_val (val images of all 200)",
+                  ("tin_aux", "scood_tin"): "tin_aux and SC-OOD's tin list are both TinyImageNet: "
+                                            "they may share classes"}
 
 
 def _outlier_npy(data_dir: str | None, cache_dir: str) -> str | None:
