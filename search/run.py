@@ -186,6 +186,8 @@ def build_plan(args: argparse.Namespace) -> dict:
             raise UsageError(f"--set {item!r}: expected KEY=VALUE")
         if key in space.distributions:
             raise UsageError(f"--set {key}: {key} is searched; use --space {key}=VALUE to fix it")
+        if key in ("protocol", "allow_missing_ood"):
+            raise UsageError(f"--set {key}: use --{key.replace('_', '-')}, which also sets the protocol's sets")
         config[key] = engine.parse_value(text)
     for item in args.space:
         name, sep, text = item.partition("=")

@@ -122,6 +122,8 @@ def test_cli_protocol_defaults_and_errors():
         _args("--protocol", "darl", "--test-ood", "cifar100")
     with pytest.raises(run.UsageError, match="--protocol nope: unknown protocol 'nope'; accepted:"):
         _args("--protocol", "nope")
+    with pytest.raises(run.UsageError, match="--set protocol: use --protocol"):
+        _args("--set", "protocol=darl")
 
 
 def test_compare_refuses_averages_over_different_sets():
