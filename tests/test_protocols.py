@@ -177,6 +177,7 @@ def test_fit_under_rna_protocol_relabels_and_reports_its_headline(tmp_path, cach
                             eval_batch_size=50)
     prepared = engine.prepare(cfg)
     assert prepared.record["ood_sets_covered"] == "scood_texture"
+    assert prepared.record["ood_set_sizes"] == "scood_texture:6"
     assert prepared.record["protocol_fpr95_headline"] == "fpr95_oodpos_oe"
     assert prepared.record["val_ood_sets"] == ood_sets.VAL_HOLDOUT and len(prepared.val_ood[0]) == 20
     last = engine.fit(method, cfg, engine.LocalReporter(str(tmp_path / "out")), prepared)

@@ -110,6 +110,7 @@ def prepare(cfg: TrainConfig, uses_outliers: bool = False) -> Prepared:
             outliers = ood_sets.tin_aux_part("train", cfg.data_dir, cfg.cache_dir,
                                              cfg.outlier_max_images, seed=cfg.split_seed)[0]
     record = protocols.record(protocol, [s.name for s in test_ood], missing)
+    record["ood_set_sizes"] = ",".join(f"{s.name}:{len(s)}" for s in test_ood)
     if ood_sets.VAL_HOLDOUT in cfg.val_ood:
         record["val_ood_holdout_wnids"] = ",".join(ood_sets.tin_aux_part("holdout", cfg.data_dir, cfg.cache_dir)[1])
     return Prepared(ident, val_ood, test_ood, outliers, note, record)
