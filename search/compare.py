@@ -28,6 +28,15 @@ COLUMNS = [("test_acc", "ACC"), ("test_acc_head", "head"), ("test_acc_middle", "
            ("val_score", "val score")]
 
 
+def check_same_sets(rows: list[dict]) -> None:
+    """Raises ValueError if the rows' OOD averages cover different sets: a column holds one
+    average, over one list of sets."""
+    lists = {row["ood_sets"] for row in rows}
+    if len(lists) > 1:
+        raise ValueError("OOD averages over different sets cannot share a column: " + "; ".join(
+            f"{row['method']}: {row['ood_sets']}" for row in rows) + "; give every method the same sets")
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="search/compare.py", description=__doc__.split("\n")[0])
     p.add_argument("--methods", default=",".join(registry.names()),
@@ -56,17 +65,24 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for method_cls, cfg, name in configs:
         started = time.time()
+        prepared = engine.prepare(cfg, method_cls.uses_outliers)
         with tempfile.TemporaryDirectory() as out:
-            last = engine.fit(method_cls, cfg, engine.LocalReporter(out))
+            last = engine.fit(method_cls, cfg, engine.LocalReporter(out), prepared)
         row = {"method": name, **{key: last[key] for key, _ in COLUMNS},
-               "minutes": (time.time() - started) / 60}
+               "minutes": (time.time() - started) / 60, "ood_sets": prepared.record["ood_sets_covered"]}
         rows.append(row)
+        try:
+            check_same_sets(rows)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"{name}: " + ", ".join(f"{label} {row[key]:.3f}" for key, label in COLUMNS), flush=True)
     with open(args.out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print("\n| method | " + " | ".join(label for _, label in COLUMNS) + " | minutes |")
+    print(f"\nAUROC and FPR95: unweighted means over {rows[0]['ood_sets']}")
+    print("| method | " + " | ".join(label for _, label in COLUMNS) + " | minutes |")
     print("|---|" + "---:|" * (len(COLUMNS) + 1))
     for row in rows:
         print(f"| {row['method']} | " + " | ".join(f"{100 * row[key]:.1f}" for key, _ in COLUMNS)

@@ -19,8 +19,8 @@ from datetime import datetime
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import spaces  # noqa: E402
-from trainables import data, engine, registry  # noqa: E402
-from trainables.config import default_test_ood  # noqa: E402
+from trainables import data, engine, ood_sets, protocols, registry  # noqa: E402
+from trainables.config import DEFAULT_VAL_OOD, default_test_ood  # noqa: E402
 
 # Each preset is a budget: trials, epochs, ASHA rungs, concurrency, and config overrides.
 PRESETS = {
@@ -67,7 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="decoded-image cache and downloads [env TAILTUNE_CACHE_DIR, ~/.cache/tailtune]")
     p.add_argument("--no-download", action="store_true", help="never download missing data")
     p.add_argument("--test-ood", help="comma-separated test OOD sets (reported, never searched on)")
-    p.add_argument("--val-ood", help="comma-separated synthetic validation OOD sets")
+    p.add_argument("--val-ood", help="comma-separated validation OOD sets: synthetic ones or "
+                                     f"{ood_sets.VAL_HOLDOUT} (tin_aux classes held out of training)")
+    p.add_argument("--protocol", help=f"evaluation protocol: {', '.join(protocols.names())} (default: the "
+                                      "method's paper protocol; offline for the smoke preset)")
+    p.add_argument("--allow-missing-ood", action="store_true",
+                   help="under a paper protocol, run without the test OOD sets that are missing")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow server; default: local SQLite store in ./mlruns [env MLFLOW_TRACKING_URI]")
     p.add_argument("--sampler", default="tpe", help=f"Optuna sampler: {', '.join(SAMPLERS)}")
@@ -234,16 +239,33 @@ def build_plan(args: argparse.Namespace) -> dict:
         if getattr(args, flag):
             config[key] = tuple(n.strip() for n in getattr(args, flag).split(",") if n.strip())
     config.setdefault("test_ood", default_test_ood(args.dataset))
-    bad_val = [n for n in config.get("val_ood", ()) if n not in data.synthetic_names()]
+    bad_val = [n for n in config.get("val_ood", ()) if n not in data.synthetic_names() + [ood_sets.VAL_HOLDOUT]]
     if bad_val:
         raise UsageError(f"--val-ood {','.join(bad_val)}: validation OOD must be synthetic, one of "
-                         f"{', '.join(data.synthetic_names())} (test sets are never searched on)")
+                         f"{', '.join(data.synthetic_names())}, or {ood_sets.VAL_HOLDOUT} "
+                         "(test sets are never searched on)")
+    # The smoke preset runs on the offline archives; every other budget defaults to the paper's protocol.
+    name = args.protocol or ("offline" if args.preset == "smoke" else protocols.for_method(args.method))
+    try:
+        protocol = protocols.get(name)
+    except ValueError as e:
+        raise UsageError(f"--protocol {name}: {e}") from None
+    config.update(protocol=protocol.name, allow_missing_ood=args.allow_missing_ood)
+    if protocol.name != "offline":
+        if args.test_ood:
+            raise UsageError(f"--test-ood with --protocol {protocol.name}: a protocol fixes its test sets "
+                             f"({', '.join(protocol.sets_for(args.dataset))}); use --protocol offline")
+        config["test_ood"] = protocol.sets_for(args.dataset)
+        if not args.val_ood and set(config["test_ood"]) & set(DEFAULT_VAL_OOD):
+            config["val_ood"] = (ood_sets.VAL_HOLDOUT,)   # its noise sets are test sets here
     for item in args.set:
         key, sep, text = item.partition("=")
         if not sep:
             raise UsageError(f"--set {item!r}: expected KEY=VALUE")
         if key in space.distributions:
             raise UsageError(f"--set {key}: {key} is searched; use --space {key}=VALUE to fix it")
+        if key in ("protocol", "allow_missing_ood"):
+            raise UsageError(f"--set {key}: use --{key.replace('_', '-')}, which also sets the protocol's sets")
         config[key] = engine.parse_value(text)
     for item in args.space:
         name, sep, text = item.partition("=")
@@ -294,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
             check_writable_folder(args.storage, "--storage")
             check_tracking_uri(args.tracking_uri)
             record = check_data_and_space(plan)
+            print(f"protocol {record['protocol']}: {record['protocol_title']}; OOD average over "
+                  f"{record['ood_sets_covered']}" + (f" (partial: missing {record['ood_sets_missing']})"
+                                                     if record["ood_sets_missing"] != "-" else ""), flush=True)
             state, path = None, None
     except (UsageError, data.MissingDataError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -49,7 +49,8 @@ def test_aupr_in_and_out_hand_values():
 
 def test_perfect_separation():
     m = metrics.ood_metrics(np.array([5.0, 6.0, 7.0]), np.array([1.0, 2.0]))
-    assert m == {"auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "fpr95_idpos": 0.0, "fpr95_oodpos": 0.0}
+    assert m == {"auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "fpr95_idpos": 0.0, "fpr95_oodpos": 0.0,
+                 "fpr95_idpos_oe": 0.0, "fpr95_oodpos_oe": 0.0}
 
 
 def test_class_groups_rank_round_rule():
@@ -82,3 +83,43 @@ def test_threshold_keeps_95_percent():
     conf = np.arange(100, dtype=float)
     t = metrics.threshold_at_tpr(conf, 0.95)
     assert (conf >= t).mean() == pytest.approx(0.95)
+
+
+# Heavily tied MSP scores: 50 ID images (20 at 1.0, 27 at 0.9, 3 at 0.5) and 50 OOD images
+# (3 at 1.0, 22 at 0.9, 25 at 0.5).
+TIED_ID = np.array([1.0] * 20 + [0.9] * 27 + [0.5] * 3)
+TIED_OOD = np.array([1.0] * 3 + [0.9] * 22 + [0.5] * 25)
+
+
+def test_reference_fpr95_tie_rule_id_positive_hand_value():
+    # Thresholds at the distinct values 1.0, 0.9, 0.5 keep 20, 47, 50 ID (recall .40, .94, 1.0)
+    # and accept 3, 25, 50 OOD. Nearest recall to .95 is .94 (|-.01| < |.05|): threshold 0.9, and
+    # the 22 OOD tied at 0.9 count as accepted: FPR = 25 / 50 = 0.5.
+    assert metrics.fpr_at_recall_reference(TIED_ID, TIED_OOD) == pytest.approx(0.5)
+    # The ceil rule keeps >= 95%: the ceil(47.5) = 48th largest ID is 0.5, which accepts all OOD.
+    assert metrics.fpr_at_95_tpr(TIED_ID, TIED_OOD) == pytest.approx(1.0)
+
+
+def test_reference_fpr95_tie_rule_ood_positive_hand_value():
+    # OOD positive, score = -confidence. Thresholds -0.5, -0.9, -1.0 catch 25, 47, 50 OOD (recall
+    # .5, .94, 1.0) and flag 3, 30, 50 ID. Nearest .95 is .94 at -0.9: the 27 ID tied at 0.9 are
+    # flagged with the 3 at 0.5: FPR = 30 / 50 = 0.6. The ceil rule needs 48 OOD: all 50 ID, 1.0.
+    m = metrics.ood_metrics(TIED_ID, TIED_OOD)
+    assert m["fpr95_oodpos_oe"] == pytest.approx(0.6)
+    assert m["fpr95_oodpos"] == pytest.approx(1.0)
+    assert m["fpr95_idpos_oe"] == pytest.approx(0.5)
+    assert m["fpr95_idpos"] == pytest.approx(1.0)
+
+
+def test_reference_fpr95_without_ties_picks_the_lower_threshold_on_equal_distance():
+    # ID 1..20 (positives), OOD [1.5, 2.5, 30, 0]. Walking up from the threshold 1 (recall 1.0):
+    # 1.5 (19/20 = .95), 2 (.95), 2.5 (.90) ... the first exact .95 is the lower threshold 1.5,
+    # which accepts 1.5, 2.5 and 30: 3 / 4. The ceil rule's threshold is the ID value 2: 2 / 4.
+    conf_id, conf_ood = np.arange(1, 21, dtype=float), np.array([1.5, 2.5, 30.0, 0.0])
+    assert metrics.fpr_at_recall_reference(conf_id, conf_ood) == pytest.approx(0.75)
+    assert metrics.fpr_at_95_tpr(conf_id, conf_ood) == pytest.approx(0.5)
+
+
+def test_reference_fpr95_rejects_an_empty_side():
+    with pytest.raises(ValueError, match="0 negatives"):
+        metrics.fpr_at_recall_reference(np.ones(3), np.ones(0))

@@ -128,6 +128,10 @@ class TrainConfig:
     val_ood_size: int = 1000            # images per synthetic validation set
     test_ood: tuple[str, ...] = DEFAULT_TEST_OOD
     ood_max_images: int | None = None   # cap per test OOD set (seeded subset); None = all
+    # Evaluation protocol (trainables.protocols): "offline" = test_ood as given, missing sets
+    # skipped; a paper protocol fixes its own sets, cap, resize rule and headline FPR95.
+    protocol: str = "offline"
+    allow_missing_ood: bool = False     # under a paper protocol: run without missing sets
     meta_per_class: int = 0             # balanced meta set held out after validation (Meta-CALA)
     # Auxiliary outliers, for the methods that train with them (trainables.data.load_outliers).
     outlier_set: str = "auto"           # auto | 300k | tin_aux | gaussian | a real OOD set name
@@ -191,7 +195,9 @@ class TrainConfig:
         "odin_temperature": positive(), "odin_eps": number(0), "eval_batch_size": integer(1),
         "eval_every": integer(1), "checkpoint_every": integer(1),
         "ood_energy_temperature": positive(), "ood_knn_k": integer(1),
-        "ood_react_percentile": number(0, 100, low_open=True), "posthoc_sweep": FLAG}
+        "ood_react_percentile": number(0, 100, low_open=True), "posthoc_sweep": FLAG,
+        # The protocol's name is checked against trainables.protocols where its sets are loaded.
+        "protocol": TEXT, "allow_missing_ood": FLAG}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):

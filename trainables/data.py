@@ -648,11 +648,13 @@ def synthetic_names() -> list[str]:
 
 def check_ood_names(names: list[str], id_name: str) -> None:
     """Raise ValueError if a name is neither a real nor a synthetic OOD set, or is the ID set."""
-    valid = ood_set_names() + synthetic_names()
+    from trainables import ood_sets  # the release-format sets; it builds on this module
+
+    valid = list(dict.fromkeys(ood_set_names() + ood_sets.names())) + synthetic_names()
     for name in names:
         if name not in valid:
             raise ValueError(f"unknown OOD set '{name}'; accepted: {', '.join(valid)}")
-        if name == id_name:
+        if name in (id_name, f"{id_name}_test", f"scood_{id_name}"):
             raise ValueError(
                 f"OOD set '{name}' is the in-distribution set; accepted: any of "
                 f"{', '.join(n for n in valid if n != id_name)}"
@@ -717,7 +719,16 @@ def load_ood(
     With max_images, return a seeded random subset of that many images in original order.
     """
     if name not in _OOD_REGISTRY:
-        raise ValueError(f"unknown OOD set '{name}'; accepted: {', '.join(ood_set_names())}")
+        from trainables import ood_sets
+
+        if not ood_sets.is_release_set(name):
+            raise ValueError(f"unknown OOD set '{name}'; accepted: "
+                             f"{', '.join(dict.fromkeys(ood_set_names() + ood_sets.names()))}")
+        try:
+            return ood_sets.load(name, data_dir, cache_dir, download, max_images=max_images, seed=seed)
+        except MissingDataError as e:
+            print(f"notice: {e}; skipped", file=sys.stderr)
+            return None
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images={max_images}; accepted: None or an integer >= 1")
     x, looked = _ood_pixels(name, data_dir, cache_dir, download)
@@ -793,7 +804,11 @@ OUTLIER_ORDER = ("300k", "tin_aux", "gaussian")   # what "auto" tries
 GAUSSIAN_OUTLIERS = 10_000
 # Sets that share a source with an outlier set but no class or image: allowed, and noted.
 _SHARED_SOURCE = {("tin_aux", "tin"): "tin_aux and tin are both TinyImageNet but share no class "
-                                      "and no image (see the data README)"}
+                                      "and no image (see the data README)",
+                  ("tin_aux", "tin_val"): "tin_aux (train images of 83 TinyImageNet classes) shares "
+                                          "classes, not images, with tin_val (val images of all 200)",
+                  ("tin_aux", "scood_tin"): "tin_aux and SC-OOD's tin list are both TinyImageNet: "
+                                            "they may share classes"}
 
 
 def _outlier_npy(data_dir: str | None, cache_dir: str) -> str | None:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from trainables import augment, data, metrics, posthoc
+from trainables import augment, data, metrics, ood_sets, posthoc, protocols
 from trainables.config import TrainConfig
 from trainables.method import Batch, TrainData  # noqa: F401  (Batch is re-exported)
 
@@ -34,6 +34,7 @@ class Prepared:
     test_ood: list[data.ImageSet]
     outliers: data.ImageSet | None = None
     outlier_note: str = ""
+    protocol_record: dict[str, str] | None = None
 
     @property
     def record(self) -> dict[str, str]:
@@ -47,7 +48,7 @@ class Prepared:
                 "aupr_convention": metrics.AUPR_CONVENTION,
                 "val_objective": "val_score = (val_acc + val_auroc) / 2; val_auroc = mean over val_ood_sets",
                 "posthoc_rule": posthoc.RULE,
-                **self.outlier_record}
+                **self.outlier_record, **(self.protocol_record or {})}
 
     @property
     def outlier_record(self) -> dict[str, str]:
@@ -67,20 +68,35 @@ def dataset_spec(cfg: TrainConfig) -> data.DatasetSpec:
 
 
 def prepare(cfg: TrainConfig, uses_outliers: bool = False) -> Prepared:
-    """Returns the ID split, validation OOD (synthetic), the test OOD sets that exist and, for a
-    method that trains with them, the auxiliary outliers."""
-    data.check_ood_names(list(cfg.test_ood), cfg.dataset)
+    """Returns the ID split, validation OOD (synthetic, or tin_aux's held-out classes), the test
+    OOD sets of the protocol (`offline`: those of test_ood that exist) and, for a method that
+    trains with them, the auxiliary outliers."""
+    protocol = protocols.get(cfg.protocol)
+    test_names = list(protocol.sets_for(cfg.dataset)) if protocol.name != "offline" else list(cfg.test_ood)
+    data.check_ood_names(test_names, cfg.dataset)
+    shared = sorted(set(test_names) & set(cfg.val_ood))
+    if shared:
+        raise ValueError(f"val_ood {shared} is also a test set of protocol '{protocol.name}' (never tune "
+                         f"on test sets); accepted: val_ood from {data.synthetic_names() + [ood_sets.VAL_HOLDOUT]} "
+                         f"without {shared}")
     note = ""
     if uses_outliers:
-        note = data.check_outlier_set(cfg.outlier_set, list(cfg.test_ood), list(cfg.val_ood))
+        note = data.check_outlier_set(cfg.outlier_set, test_names, list(cfg.val_ood))
     if cfg.val_per_class < 1:
         raise ValueError(f"val_per_class={cfg.val_per_class}: a search needs a validation split (>= 1)")
     ident = data.load_id_data(dataset_spec(cfg), cfg.data_dir, cfg.cache_dir, cfg.download)
-    val_ood = [data.synthetic_ood(name, cfg.val_ood_size, seed=cfg.split_seed + i)
+    val_ood = [ood_sets.tin_aux_part("holdout", cfg.data_dir, cfg.cache_dir, cfg.val_ood_size,
+                                     seed=cfg.split_seed + i)[0] if name == ood_sets.VAL_HOLDOUT
+               else data.synthetic_ood(name, cfg.val_ood_size, seed=cfg.split_seed + i)
                for i, name in enumerate(cfg.val_ood)]
-    test_ood = [s for name in cfg.test_ood
-                if (s := data.load_ood(name, cfg.data_dir, cfg.cache_dir, cfg.download,
-                                       cfg.ood_max_images, seed=cfg.split_seed)) is not None]
+    if protocol.name == "offline":
+        test_ood = [s for name in cfg.test_ood
+                    if (s := data.load_ood(name, cfg.data_dir, cfg.cache_dir, cfg.download,
+                                           cfg.ood_max_images, seed=cfg.split_seed)) is not None]
+        missing = [n for n in cfg.test_ood if n not in {s.name for s in test_ood}]
+    else:
+        test_ood, missing = protocols.load_sets(protocol, cfg.dataset, cfg.data_dir, cfg.cache_dir,
+                                                cfg.download, cfg.split_seed, cfg.allow_missing_ood)
     if not test_ood:
         raise data.MissingDataError(f"none of the test OOD sets {list(cfg.test_ood)} could be found")
     outliers = None
@@ -90,13 +106,21 @@ def prepare(cfg: TrainConfig, uses_outliers: bool = False) -> Prepared:
         if outliers.name in cfg.val_ood:   # "auto" fell back to noise that validation also uses
             raise ValueError(f"outlier_set={cfg.outlier_set!r} resolved to '{outliers.name}', which is "
                              f"also a validation OOD set; set val_ood without it")
-    return Prepared(ident, val_ood, test_ood, outliers, note)
+        if outliers.name == "tin_aux" and ood_sets.VAL_HOLDOUT in cfg.val_ood:
+            # Validation's classes stay out of training: outliers from the other tin_aux classes.
+            outliers = ood_sets.tin_aux_part("train", cfg.data_dir, cfg.cache_dir,
+                                             cfg.outlier_max_images, seed=cfg.split_seed)[0]
+    record = protocols.record(protocol, [s.name for s in test_ood], missing)
+    record["ood_set_sizes"] = ",".join(f"{s.name}:{len(s)}" for s in test_ood)
+    if ood_sets.VAL_HOLDOUT in cfg.val_ood:
+        record["val_ood_holdout_wnids"] = ",".join(ood_sets.tin_aux_part("holdout", cfg.data_dir, cfg.cache_dir)[1])
+    return Prepared(ident, val_ood, test_ood, outliers, note, record)
 
 
 # What `prepare` reads besides the split (`dataset_spec`): trials that agree on all of it train
 # on the same arrays.
 SOURCE_FIELDS = ("data_dir", "cache_dir", "download", "val_ood", "val_ood_size", "test_ood",
-                 "ood_max_images", "outlier_set", "outlier_max_images")
+                 "ood_max_images", "outlier_set", "outlier_max_images", "protocol", "allow_missing_ood")
 _last_prepared: dict[tuple, Prepared] = {}
 
 
@@ -283,17 +307,18 @@ class Trial:
         pascl = metrics.accuracy_by_group(pred, y, self.pascl_groups)
         out.update({f"test_pascl_{k}": v for k, v in pascl.items() if k != "acc"})
         arrays = {"id_confidence": conf_id, "id_label": y, "id_pred": pred}
-        per_set = []
+        per_set = {}
+        protocol = protocols.get(self.cfg.protocol)
         for s, x in zip(self.prepared.test_ood, self.test_ood_x):
             conf_ood = self.infer(x, with_logits=False)[1]
             arrays[f"ood_{s.name}_confidence"] = conf_ood
-            m = metrics.ood_metrics(conf_id, conf_ood)
-            m.update(metrics.per_group_auroc(conf_id, y, conf_ood, self.groups))
-            per_set.append(m)
+            arrays[f"ood_{s.name}_label"] = s.y   # -1, or the SC-OOD sc_label
+            m = protocols.set_metrics(protocol, conf_id, conf_ood, s.y)
+            m.update(metrics.per_group_auroc(conf_id, y, conf_ood[s.y < 0], self.groups))
+            per_set[s.name] = m
             out.update({f"test_{s.name}_{k}": v for k, v in m.items()})
-        for k in per_set[0]:
-            out[f"test_{k}"] = float(np.mean([m[k] for m in per_set]))
-        out["test_fpr95"] = out["test_fpr95_idpos"]   # the papers' headline convention (ID positive)
+        # Unweighted means over the covered sets; test_fpr95 is the protocol's headline convention.
+        out.update({f"test_{k}": v for k, v in protocols.averages(protocol, self.cfg.dataset, per_set).items()})
         return out, arrays
 
     # -- checkpoints ------------------------------------------------------------------------
