@@ -231,7 +231,8 @@ def test_champion_with_a_feature_score_loads_and_predicts(tiny, tmp_path, tracki
     experiment = tracking.ensure_experiment(client, "tailtune/posthoc-champion", tracking_uri)
     run = client.create_run(experiment)
     test_images = prepared.id.test.x
-    tracking.log_champion(client, run.info.run_id, str(ckpt), "posthoc-knn-champion", test_images[:2])
+    tracking.log_champion(client, run.info.run_id, str(ckpt), "posthoc-knn-champion", test_images[:2],
+                          "a kNN-scored champion", {"method": "ce"})
     client.set_terminated(run.info.run_id)
     model = mlflow.pyfunc.load_model("models:/posthoc-knn-champion@champion")
     table = model.predict(test_images)
