@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+import textwrap
 from datetime import datetime
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -316,9 +317,11 @@ def main(argv: list[str] | None = None) -> int:
             check_writable_folder(args.storage, "--storage")
             check_tracking_uri(args.tracking_uri)
             record = check_data_and_space(plan)
-            print(f"protocol {record['protocol']}: {record['protocol_title']}; OOD average over "
-                  f"{record['ood_sets_covered']}" + (f" (partial: missing {record['ood_sets_missing']})"
-                                                     if record["ood_sets_missing"] != "-" else ""), flush=True)
+            line = (f"protocol {record['protocol']}: {record['protocol_title']}; OOD average over "
+                    f"{record['ood_sets_covered']}" + (f" (partial: missing {record['ood_sets_missing']})"
+                                                       if record["ood_sets_missing"] != "-" else ""))
+            print("\n".join(textwrap.wrap(line, 100, subsequent_indent="  ", break_long_words=False,
+                                           break_on_hyphens=False)), flush=True)
             state, path = None, None
     except (UsageError, data.MissingDataError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)

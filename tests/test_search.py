@@ -177,7 +177,7 @@ def test_interrupted_search_resumes_without_duplicates(tmp_path, data_dir, cache
     lines = []
     for line in proc.stdout:                  # interrupt once the first trial has finished
         lines.append(line)
-        if " complete" in line:
+        if re.search(r" complete\s+\|", line):   # the progress line, not the champion rule's text
             proc.send_signal(signal.SIGINT)
             break
     rest, _ = proc.communicate(timeout=300)
