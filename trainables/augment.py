@@ -26,16 +26,24 @@ def to_device_images(x_nhwc: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CIFAR statistics as [1, 3, 1, 1] tensors, copied to each device once, not every step."""
-    return (torch.tensor(CIFAR_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1),
-            torch.tensor(CIFAR_STD, device=device, dtype=dtype).view(1, 3, 1, 1))
+def _mean_std(device: torch.device, dtype: torch.dtype, mean: tuple[float, ...],
+              std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel statistics as [1, 3, 1, 1] tensors, copied to each device once, not every step."""
+    return (torch.tensor(mean, device=device, dtype=dtype).view(1, 3, 1, 1),
+            torch.tensor(std, device=device, dtype=dtype).view(1, 3, 1, 1))
+
+
+def standardize(x: torch.Tensor, mean: tuple[float, ...] = CIFAR_MEAN,
+                std: tuple[float, ...] = CIFAR_STD) -> torch.Tensor:
+    """Returns (x - mean) / std [B, 3, H, W] for float images in [0, 1] (CIFAR statistics unless
+    given)."""
+    m, s = _mean_std(x.device, x.dtype, mean, std)
+    return (x - m) / s
 
 
 def normalize(x_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Returns (x / 255 - mean) / std as `dtype` [B, 3, H, W]."""
-    mean, std = _mean_std(x_uint8.device, dtype)
-    return (x_uint8.to(dtype) / 255.0 - mean) / std
+    """Returns (x / 255 - mean) / std as `dtype` [B, 3, H, W] (CIFAR statistics)."""
+    return standardize(x_uint8.to(dtype) / 255.0)
 
 
 def crop_flip_cutout(x: torch.Tensor, gen: torch.Generator, padding: int = 4,

@@ -48,7 +48,6 @@ Run one trial without Ray:  python -m trainables cocl --epochs 2 --data-dir DATA
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -185,17 +184,9 @@ class CoclResNet32(nn.Module):
         return self.backbone(x)
 
 
-@functools.lru_cache(maxsize=None)
-def _imagenet_mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ImageNet statistics as [1, 3, 1, 1] tensors, copied to each device once, not every step."""
-    return (torch.tensor(IMAGENET_MEAN, dtype=dtype, device=device).view(1, 3, 1, 1),
-            torch.tensor(IMAGENET_STD, dtype=dtype, device=device).view(1, 3, 1, 1))
-
-
 def imagenet_normalize(x: torch.Tensor) -> torch.Tensor:
     """Returns float images in [0, 1] [B, 3, H, W] normalised with the ImageNet mean/std."""
-    mean, std = _imagenet_mean_std(x.device, x.dtype)
-    return (x - mean) / std
+    return augment.standardize(x, IMAGENET_MEAN, IMAGENET_STD)
 
 
 class Method(BaseMethod):
