@@ -196,11 +196,17 @@ def _requirements() -> list[str]:
 
 
 def protocol(fixed_params: dict[str, str]) -> str:
-    """Returns the evaluation protocol the search used, as one line: what selects the champion,
-    which checkpoint, the test OOD sets (reported only) and the FPR95 convention."""
-    return (f"select: val_score on val OOD {fixed_params.get('val_ood_sets', '?')} (synthetic); "
-            f"checkpoint: final epoch; test OOD (reported only): {fixed_params.get('test_ood_sets', '?')}; "
-            "fpr95: ID positive (OOD accepted at 95% ID kept)")
+    """Returns the evaluation protocol the search used, as one line, from the protocol record every
+    trial logs (trainables.protocols.record): its name, what selects the champion, the test OOD
+    sets (reported only) and the FPR95 convention of test_fpr95."""
+    p = fixed_params.get
+    headline = p("protocol_fpr95_headline", "fpr95_idpos")
+    positive = ("OOD positive (ID flagged at 95% OOD caught)" if "oodpos" in headline
+                else "ID positive (OOD accepted at 95% ID kept)")
+    tie_rule = ", reference tie rule" if headline.endswith("_oe") else ""
+    return (f"{p('protocol', '?')}; select: val_score on val OOD {p('val_ood_sets', '?')}; "
+            f"checkpoint: final epoch; test OOD (reported only): {p('test_ood_sets', '?')}; "
+            f"fpr95: {positive}{tie_rule} [{headline}]")
 
 
 def summary_items(state: dict, table, best: dict | None, protocol_text: str, best_run: str | None,

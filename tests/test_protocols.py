@@ -188,3 +188,16 @@ def test_fit_under_rna_protocol_relabels_and_reports_its_headline(tmp_path, cach
     # Recomputed by hand from the stored scores: the sc_label 2 image joins the ID side.
     expected = metrics.auroc(np.r_[conf_id, conf_ood[:1]], conf_ood[1:])
     assert last["test_scood_texture_auroc"] == pytest.approx(expected)
+
+
+def test_the_search_protocol_tag_names_the_protocols_own_fpr95_convention():
+    from search import tracking
+    params = {**protocols.record(protocols.get("rna"), ["scood_svhn"], []),
+              "val_ood_sets": "tin_aux_holdout", "test_ood_sets": "scood_svhn"}
+    text = tracking.protocol(params)
+    assert text.startswith("rna; select: val_score on val OOD tin_aux_holdout;")
+    assert text.endswith("fpr95: OOD positive (ID flagged at 95% OOD caught), reference tie rule "
+                         "[fpr95_oodpos_oe]")
+    offline = tracking.protocol({**protocols.record(protocols.get("offline"), ["mnist"], []),
+                                 "val_ood_sets": "gaussian", "test_ood_sets": "mnist"})
+    assert offline.endswith("fpr95: ID positive (OOD accepted at 95% ID kept) [fpr95_idpos]")
