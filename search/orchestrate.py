@@ -29,7 +29,7 @@ from search import progress, report, tracking
 from search.progress import Progress
 from search.scheduler import ResumableASHA
 from search.run import METRIC, STATE_FILE, dataset_tag, default_name
-from trainables import data, engine, registry
+from trainables import data, engine, large_lt, registry
 
 # Per-epoch checkpoints are small; Tune's warning about frequent snapshots is noise here.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -169,13 +169,18 @@ def _start(plan: dict, record: dict[str, str], args: argparse.Namespace, uri: st
     searched = set(plan["space"].distributions)
     method_cls = registry.get(method)
     full_config = method_cls.config_cls.from_dict(plan["config"]).to_dict()
+    augment_rule, input_rule = method_cls.augment_rule, method_cls.input_rule
+    if large_lt.is_large(full_config["dataset"]):   # the dataset's views replace the method's there
+        augment_rule, input_rule = large_lt.View(full_config["image_size"], full_config["crop_min_scale"]).rules()
     fixed_params = {**{k: v for k, v in full_config.items() if k not in searched},
-                    **record, "augment": method_cls.augment_rule, "normalisation": method_cls.input_rule,
+                    **record, "augment": augment_rule, "normalisation": input_rule,
                     "search.sampler": plan["sampler"], "search.seed": plan["seed"],
                     "search.preset": plan["preset"], "search.asha_grace_period": budget["grace_period"],
                     "search.asha_reduction_factor": budget["reduction_factor"]}
-    parent = client.create_run(experiment_id, run_name=name, tags={"tailtune.method": method,
-                                                                   "tailtune.search": name})
+    tags = {"tailtune.method": method, "tailtune.search": name}
+    if "data_rule" in record:   # how the large sets' images were stored (trainables.large_lt)
+        tags["tailtune.data_rule"] = record["data_rule"]
+    parent = client.create_run(experiment_id, run_name=name, tags=tags)
     parent_ids.append(parent.info.run_id)
     client.log_batch(parent.info.run_id, params=tracking.as_params({
         **fixed_params, "search.trials": budget["trials"], "search.metric": METRIC,

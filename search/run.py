@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import spaces  # noqa: E402
 from trainables import data, engine, ood_sets, protocols, registry  # noqa: E402
-from trainables.config import DEFAULT_VAL_OOD, default_test_ood  # noqa: E402
+from trainables.config import DEFAULT_VAL_OOD, LARGE_DATASETS, default_test_ood  # noqa: E402
 
 # Each preset is a budget: trials, epochs, ASHA rungs, concurrency, and config overrides.
 PRESETS = {
@@ -43,6 +43,7 @@ PRESETS = {
               "cpus_per_trial": 1.0, "config": {"eval_every": 5}},
 }
 SAMPLERS = ("tpe", "cmaes", "random", "nsga2")
+DATASETS = ("cifar10", "cifar100", *LARGE_DATASETS)
 METRIC = "val_score"
 STATE_FILE = "tailtune.json"
 
@@ -59,8 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", default="smoke", help=f"budget: {', '.join(PRESETS)} (default smoke)")
     p.add_argument("--trials", type=int, help="number of trials (preset's by default)")
     p.add_argument("--epochs", type=int, help="epochs per trial (ASHA's max_t)")
-    p.add_argument("--dataset", default="cifar10", help="cifar10 | cifar100 (long-tailed)")
-    p.add_argument("--imbalance-ratio", type=float, default=100.0, help="IR: 10, 50 or 100")
+    p.add_argument("--dataset", default="cifar10",
+                   help=f"{' | '.join(DATASETS)} (CIFAR made long-tailed; the large sets from their split lists)")
+    p.add_argument("--imbalance-ratio", type=float, default=100.0,
+                   help="IR: 10, 50 or 100 (CIFAR; the large sets' lists fix their own)")
     p.add_argument("--data-dir", default=os.environ.get("TAILTUNE_DATA_DIR"),
                    help="folder with offline archives (cifar10.tar.gz, ...) or torchvision data "
                         "[env TAILTUNE_DATA_DIR]")
@@ -195,6 +198,8 @@ def list_methods() -> None:
 
 
 def dataset_tag(dataset: str, ir: float) -> str:
+    if dataset in LARGE_DATASETS:   # long-tailed by their split lists, no IR
+        return dataset
     return f"{dataset}-lt-ir{ir:g}"
 
 
@@ -211,8 +216,8 @@ def build_plan(args: argparse.Namespace) -> dict:
         raise UsageError(f"unknown preset {args.preset!r}; expected one of: {', '.join(PRESETS)}")
     if args.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {args.sampler!r}; expected one of: {', '.join(SAMPLERS)}")
-    if args.dataset not in ("cifar10", "cifar100"):
-        raise UsageError(f"unknown dataset {args.dataset!r}; expected cifar10 or cifar100")
+    if args.dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {args.dataset!r}; expected one of: {', '.join(DATASETS)}")
     if args.imbalance_ratio not in (10, 50, 100):
         raise UsageError(f"--imbalance-ratio {args.imbalance_ratio:g}: expected 10, 50 or 100")
     preset = PRESETS[args.preset]
@@ -249,14 +254,15 @@ def build_plan(args: argparse.Namespace) -> dict:
     name = args.protocol or ("offline" if args.preset == "smoke" else protocols.for_method(args.method))
     try:
         protocol = protocols.get(name)
+        protocol_sets = protocol.sets_for(args.dataset) if protocol.name != "offline" else ()
     except ValueError as e:
         raise UsageError(f"--protocol {name}: {e}") from None
     config.update(protocol=protocol.name, allow_missing_ood=args.allow_missing_ood)
     if protocol.name != "offline":
         if args.test_ood:
             raise UsageError(f"--test-ood with --protocol {protocol.name}: a protocol fixes its test sets "
-                             f"({', '.join(protocol.sets_for(args.dataset))}); use --protocol offline")
-        config["test_ood"] = protocol.sets_for(args.dataset)
+                             f"({', '.join(protocol_sets)}); use --protocol offline")
+        config["test_ood"] = protocol_sets
         if not args.val_ood and set(config["test_ood"]) & set(DEFAULT_VAL_OOD):
             config["val_ood"] = (ood_sets.VAL_HOLDOUT,)   # its noise sets are test sets here
     for item in args.set:

@@ -217,7 +217,8 @@ def summary_items(state: dict, table, best: dict | None, protocol_text: str, bes
     counts = ", ".join(f"{v} {k}" for k, v in table["state"].value_counts().items())
     items = [
         ("method", state["method"], None),
-        ("dataset", f"{cfg['dataset']}-LT, imbalance ratio {cfg['imbalance_ratio']:g}", None),
+        ("dataset", cfg["dataset"] if cfg["dataset"].endswith("-lt")   # the large sets' lists fix the tail
+         else f"{cfg['dataset']}-LT, imbalance ratio {cfg['imbalance_ratio']:g}", None),
         ("budget", f"{state.get('fixed_params', {}).get('search.preset', '?')} preset: "
                    f"{budget['trials']} trials x {budget['epochs']} epochs, sampler {state['sampler']}, "
                    f"ASHA grace {budget['grace_period']} reduction factor {budget['reduction_factor']:g}", None),

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainables import augment, losses, models
+from trainables import augment, losses
 from trainables.config import TrainConfig, integer, number, one_of, positive
 from trainables.method import Batch, Method
 
@@ -124,6 +124,7 @@ class CrossEntropy(Method):
     config_cls = BaselineConfig
     name = "ce"
     summary = "baseline: cross-entropy, ResNet-32, MSP"
+    large_scale = True
     augment_rule = ("random crop 32 with 4-px zero padding, horizontal flip p=0.5, cutout of `cutout` "
                     "px (param; 0 = none, the recipe)")
 
@@ -132,7 +133,7 @@ class CrossEntropy(Method):
         self.prior_log = losses.log_prior(counts, device)     # log π_c, from the training counts
 
     def build_model(self) -> torch.nn.Module:
-        return models.create("resnet32", self.num_classes)
+        return self.backbone("resnet32")
 
     def train_transform(self, x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return augment.normalize(augment.crop_flip_cutout(x_uint8, gen, cutout=self.cfg.cutout))

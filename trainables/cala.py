@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from trainables import augment, losses, models
+from trainables import augment, losses
 from trainables.config import FLAG, TrainConfig, integer, number, one_of, positive
 from trainables.method import Batch, Method, TrainData
 
@@ -186,13 +186,14 @@ class CalaMethod(Method):
     """What both variants share: ResNet-32, crop + flip, u(y) = log p_tr(y); raw logits at test."""
 
     augment_rule = augment.CROP_FLIP_RULE
+    large_scale = True   # CALA's Places-LT runs: ResNet-152 (cfg.pretrained for ImageNet weights)
 
     def __init__(self, cfg: CalaConfig, counts: list[int], device: torch.device):
         super().__init__(cfg, counts, device)
         self.log_prior = losses.log_prior(counts, device)              # u(y)
 
     def build_model(self) -> nn.Module:
-        return models.create("resnet32", self.num_classes)
+        return self.backbone("resnet32")
 
     def train_transform(self, x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         # The CIFAR-LT recipe is crop + flip; Cutout is not applied (zero padding, not reflect).

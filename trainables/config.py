@@ -105,8 +105,17 @@ FLAG = one_of(True, False)
 TEXT = Accepts("text")
 
 
+LARGE_DATASETS = ("imagenet-lt", "places-lt")   # trainables.large_lt
+# Each large set's default test-OOD sets (trainables.large_lt.SETS repeats them, with torch).
+LARGE_TEST_OOD = {"imagenet-lt": ("imagenet_1k_ood",), "places-lt": ("places_lt_open",)}
+BACKBONES = ("auto", "resnet18", "resnet50", "resnet152")
+
+
 def default_test_ood(dataset: str) -> tuple[str, ...]:
-    """Returns the default test OOD sets for an ID set: the other CIFAR stands in for near-OOD."""
+    """Returns the default test OOD sets for an ID set: the other CIFAR stands in for near-OOD;
+    the large sets take their benchmark's OOD set."""
+    if dataset in LARGE_TEST_OOD:
+        return LARGE_TEST_OOD[dataset]
     if dataset == "cifar100":
         return tuple("cifar10" if name == "cifar100" else name for name in DEFAULT_TEST_OOD)
     return DEFAULT_TEST_OOD
@@ -133,6 +142,18 @@ class TrainConfig:
     protocol: str = "offline"
     allow_missing_ood: bool = False     # under a paper protocol: run without missing sets
     meta_per_class: int = 0             # balanced meta set held out after validation (Meta-CALA)
+    # Large-scale sets only (imagenet-lt, places-lt; trainables.large_lt): images are cached at
+    # image_store_side (shorter side, centre square) and viewed at image_size on the device.
+    image_store_side: int = 256
+    image_size: int = 224               # RandomResizedCrop size in training; centre crop at test
+    crop_min_scale: float = 0.08        # RandomResizedCrop's lower area bound
+    # Network: "auto" = the method's own on CIFAR, the papers' on the large sets (ResNet-50 on
+    # ImageNet-LT, ResNet-152 on Places-LT); or a torchvision ResNet by name.
+    backbone: str = "auto"
+    pretrained: str | None = None       # torchvision backbones: a state-dict file, or "imagenet"
+    # Image sets beyond this many GiB stay in (pinned) host memory and stream in per batch;
+    # None keeps every set resident on the device.
+    device_image_budget_gb: float | None = None
     # Auxiliary outliers, for the methods that train with them (trainables.data.load_outliers).
     outlier_set: str = "auto"           # auto | 300k | tin_aux | gaussian | a real OOD set name
     outlier_batch_size: int | None = None   # outliers per step; None = batch_size (1:1)
@@ -178,7 +199,10 @@ class TrainConfig:
     # its own fields (and any field whose range it narrows) in its own ACCEPTS; every field of
     # every config must be declared (tests/test_bad_input.py checks it).
     ACCEPTS: ClassVar[dict[str, Accepts]] = {
-        "dataset": one_of("cifar10", "cifar100"), "imbalance_ratio": number(1),
+        "dataset": one_of("cifar10", "cifar100", *LARGE_DATASETS), "imbalance_ratio": number(1),
+        "image_store_side": integer(8, 1024), "image_size": integer(8, 1024),
+        "crop_min_scale": number(0, 1, low_open=True), "backbone": one_of(*BACKBONES),
+        "pretrained": Accepts("text", none=True), "device_image_budget_gb": number(0, none=True),
         "val_per_class": integer(0), "n_max": integer(1, none=True),
         "test_per_class": integer(1, none=True), "split_seed": integer(0),
         "data_dir": Accepts("text", none=True), "cache_dir": TEXT, "download": FLAG,
@@ -211,6 +235,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        if self.dataset in LARGE_DATASETS and self.image_size > self.image_store_side:
+            raise ValueError(f"image_size={self.image_size} with image_store_side={self.image_store_side}; "
+                             f"accepted: image_size <= image_store_side")
 
     @classmethod
     def accepted(cls) -> dict[str, Accepts]:

@@ -113,6 +113,7 @@ class Method(BaseMethod):
 
     config_cls = DarlConfig
     name = "darl"
+    large_scale = True   # ImageNet-LT: LGLA's 3-expert ResNet-50 (DARL supplement, RICASSO)
     summary = ("DARL (ACM MM 2025): mixed ID rows as pseudo-OOD + ambiguity-aware logit "
                "adjustment, LGLA 3-expert ResNet-32, ODIN")
 
@@ -128,6 +129,10 @@ class Method(BaseMethod):
         self.class_group = self.class_group.to(device)
 
     def build_model(self) -> torch.nn.Module:
+        arch = self.backbone_name()
+        if arch is not None:   # ImageNet-LT: LGLA's 3-expert ResNet-50 (or the backbone asked for)
+            return models.create("lgla_resnet50", self.num_classes, num_experts=self.cfg.num_experts,
+                                 cos_scale=self.cfg.cos_scale, arch=arch, pretrained=self.cfg.pretrained)
         return models.create("lgla_resnet32", self.num_classes, num_experts=self.cfg.num_experts,
                              expert_shortcut=self.cfg.expert_shortcut, cos_scale=self.cfg.cos_scale)
 

@@ -31,6 +31,8 @@ OOD_RESIZE_RULE = "resize shorter side to 32 (bilinear, antialias) + center-crop
 LT_RULE = "ldam-drw: per-class seeded shuffle, first n_c; validation held out first"
 CLASS_ORDER = "official index order; class 0 = head"
 ID_NAMES = ("cifar10", "cifar100")
+# Read from split lists by trainables.large_lt, at a stored size of their own (not 32x32).
+LARGE_NAMES = ("imagenet-lt", "places-lt")
 DOWNLOAD_TIMEOUT_S = 15
 # Part of every cache key: bump it whenever decoding changes, so stale caches are never read.
 _CACHE_VERSION = "1"
@@ -100,10 +102,13 @@ class DatasetSpec:
     test_per_class: int | None = None
     seed: int = 0
     meta_per_class: int = 0  # a balanced meta set held out after validation (Meta-CALA)
+    store_side: int = 256    # large sets only: the cached images' side (trainables.large_lt)
 
     def __post_init__(self) -> None:
-        if self.name not in ID_NAMES:
-            raise ValueError(f"dataset name '{self.name}'; accepted: {', '.join(ID_NAMES)}")
+        if self.name not in ID_NAMES + LARGE_NAMES:
+            raise ValueError(f"dataset name '{self.name}'; accepted: {', '.join(ID_NAMES + LARGE_NAMES)}")
+        if self.store_side < 8:
+            raise ValueError(f"store_side={self.store_side}; accepted: an integer >= 8")
         if not self.imbalance_ratio >= 1 or not np.isfinite(self.imbalance_ratio):
             raise ValueError(
                 f"imbalance_ratio={self.imbalance_ratio}; accepted: a finite number >= 1"
@@ -531,8 +536,12 @@ def load_id_data(
     """Return the long-tailed train set, balanced validation split and ID test set for `spec`.
 
     Raises MissingDataError if no source of the data set is found, ValueError if the spec asks
-    for more images per class than exist.
+    for more images per class than exist. ImageNet-LT and Places-LT come from their split lists
+    (trainables.large_lt.load_id_data).
     """
+    if spec.name in LARGE_NAMES:
+        from trainables import large_lt   # it builds on this module
+        return large_lt.load_id_data(spec, data_dir, cache_dir)
     arrays, source, looked = _load_id_arrays(spec.name, data_dir, cache_dir, download)
     if arrays is None:
         raise MissingDataError(_missing_id_message(spec.name, data_dir, looked))
@@ -648,9 +657,11 @@ def synthetic_names() -> list[str]:
 
 def check_ood_names(names: list[str], id_name: str) -> None:
     """Raise ValueError if a name is neither a real nor a synthetic OOD set, or is the ID set."""
-    from trainables import ood_sets  # the release-format sets; it builds on this module
+    from trainables import large_lt, ood_sets  # the release-format sets; they build on this module
 
     valid = list(dict.fromkeys(ood_set_names() + ood_sets.names())) + synthetic_names()
+    if id_name in LARGE_NAMES:   # the 32x32 sets do not apply to the large benchmarks
+        valid = large_lt.ood_names() + synthetic_names()
     for name in names:
         if name not in valid:
             raise ValueError(f"unknown OOD set '{name}'; accepted: {', '.join(valid)}")
@@ -767,8 +778,8 @@ def _to_uint8(unit: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(unit, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def synthetic_ood(name: str, n: int, seed: int) -> ImageSet:
-    """Return n seeded synthetic OOD images (uint8 [n, 32, 32, 3], labels -1).
+def synthetic_ood(name: str, n: int, seed: int, size: int = IMAGE_SIZE) -> ImageSet:
+    """Return n seeded synthetic OOD images (uint8 [n, size, size, 3], labels -1; 32 by default).
 
     gaussian: N(0.5, 0.5^2) clipped to [0, 1]; uniform: U[0, 1]; rademacher: each channel 0 or
     255; blobs: Bernoulli(0.7) noise blurred (sigma 1.5), values below 0.75 set to 0.
@@ -778,7 +789,7 @@ def synthetic_ood(name: str, n: int, seed: int) -> ImageSet:
     if n < 1:
         raise ValueError(f"n={n}; accepted: an integer >= 1")
     rng = np.random.RandomState(seed)
-    shape = (n, IMAGE_SIZE, IMAGE_SIZE, 3)
+    shape = (n, size, size, 3)
     if name == "gaussian":
         x = _to_uint8(rng.normal(0.5, 0.5, size=shape))
     elif name == "uniform":

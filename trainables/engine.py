@@ -17,8 +17,8 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from trainables import augment, data, metrics, ood_sets, posthoc, protocols
-from trainables.config import TrainConfig
+from trainables import data, large_lt, metrics, ood_sets, posthoc, protocols
+from trainables.config import DEFAULT_TEST_OOD, TrainConfig, default_test_ood
 from trainables.method import Batch, TrainData  # noqa: F401  (Batch is re-exported)
 
 STATE_FILE = "state.pt"
@@ -42,7 +42,7 @@ class Prepared:
         return {**self.id.record,
                 "val_ood_sets": ",".join(s.name for s in self.val_ood),
                 "test_ood_sets": ",".join(s.name for s in self.test_ood),
-                "ood_resize_rule": data.OOD_RESIZE_RULE,
+                "ood_resize_rule": self.id.record.get("data_rule", data.OOD_RESIZE_RULE),
                 "group_rule": metrics.GROUP_RULE,
                 "fpr_conventions": metrics.FPR_CONVENTIONS,
                 "aupr_convention": metrics.AUPR_CONVENTION,
@@ -64,7 +64,28 @@ def dataset_spec(cfg: TrainConfig) -> data.DatasetSpec:
     return data.DatasetSpec(name=cfg.dataset, imbalance_ratio=cfg.imbalance_ratio,
                             val_per_class=cfg.val_per_class, n_max=cfg.n_max,
                             test_per_class=cfg.test_per_class, seed=cfg.split_seed,
-                            meta_per_class=cfg.meta_per_class)
+                            meta_per_class=cfg.meta_per_class, store_side=cfg.image_store_side)
+
+
+def test_ood_names(cfg: TrainConfig) -> list[str]:
+    """Returns the offline protocol's test sets: cfg.test_ood, except that a large set left at
+    the CIFAR default takes its own benchmark's sets (the 32x32 sets do not apply to it)."""
+    if large_lt.is_large(cfg.dataset) and tuple(cfg.test_ood) == DEFAULT_TEST_OOD:
+        return list(default_test_ood(cfg.dataset))
+    return list(cfg.test_ood)
+
+
+def load_test_ood(cfg: TrainConfig, name: str) -> data.ImageSet | None:
+    """Returns the offline protocol's test set `name`, or None (with a notice) when missing."""
+    if not large_lt.is_large(cfg.dataset):
+        return data.load_ood(name, cfg.data_dir, cfg.cache_dir, cfg.download, cfg.ood_max_images,
+                             seed=cfg.split_seed)
+    try:
+        return large_lt.load_ood(name, cfg.data_dir, cfg.cache_dir, cfg.image_store_side,
+                                 cfg.ood_max_images, seed=cfg.split_seed)
+    except data.MissingDataError as e:
+        print(f"notice: {e}; skipped", flush=True)
+        return None
 
 
 def prepare(cfg: TrainConfig, uses_outliers: bool = False) -> Prepared:
@@ -72,7 +93,7 @@ def prepare(cfg: TrainConfig, uses_outliers: bool = False) -> Prepared:
     OOD sets of the protocol (`offline`: those of test_ood that exist) and, for a method that
     trains with them, the auxiliary outliers."""
     protocol = protocols.get(cfg.protocol)
-    test_names = list(protocol.sets_for(cfg.dataset)) if protocol.name != "offline" else list(cfg.test_ood)
+    test_names = list(protocol.sets_for(cfg.dataset)) if protocol.name != "offline" else test_ood_names(cfg)
     data.check_ood_names(test_names, cfg.dataset)
     shared = sorted(set(test_names) & set(cfg.val_ood))
     if shared:
@@ -85,20 +106,21 @@ def prepare(cfg: TrainConfig, uses_outliers: bool = False) -> Prepared:
     if cfg.val_per_class < 1:
         raise ValueError(f"val_per_class={cfg.val_per_class}: a search needs a validation split (>= 1)")
     ident = data.load_id_data(dataset_spec(cfg), cfg.data_dir, cfg.cache_dir, cfg.download)
+    # Synthetic validation sets come at the ID images' size (32, or the large sets' stored side).
+    side = ident.train.x.shape[1]
     val_ood = [ood_sets.tin_aux_part("holdout", cfg.data_dir, cfg.cache_dir, cfg.val_ood_size,
                                      seed=cfg.split_seed + i)[0] if name == ood_sets.VAL_HOLDOUT
-               else data.synthetic_ood(name, cfg.val_ood_size, seed=cfg.split_seed + i)
+               else data.synthetic_ood(name, cfg.val_ood_size, seed=cfg.split_seed + i, size=side)
                for i, name in enumerate(cfg.val_ood)]
     if protocol.name == "offline":
-        test_ood = [s for name in cfg.test_ood
-                    if (s := data.load_ood(name, cfg.data_dir, cfg.cache_dir, cfg.download,
-                                           cfg.ood_max_images, seed=cfg.split_seed)) is not None]
-        missing = [n for n in cfg.test_ood if n not in {s.name for s in test_ood}]
+        test_ood = [s for name in test_names if (s := load_test_ood(cfg, name)) is not None]
+        missing = [n for n in test_names if n not in {s.name for s in test_ood}]
     else:
         test_ood, missing = protocols.load_sets(protocol, cfg.dataset, cfg.data_dir, cfg.cache_dir,
-                                                cfg.download, cfg.split_seed, cfg.allow_missing_ood)
+                                                cfg.download, cfg.split_seed, cfg.allow_missing_ood,
+                                                store_side=cfg.image_store_side)
     if not test_ood:
-        raise data.MissingDataError(f"none of the test OOD sets {list(cfg.test_ood)} could be found")
+        raise data.MissingDataError(f"none of the test OOD sets {test_names} could be found")
     outliers = None
     if uses_outliers:
         outliers = data.load_outliers(cfg.outlier_set, cfg.data_dir, cfg.cache_dir,
@@ -110,7 +132,7 @@ def prepare(cfg: TrainConfig, uses_outliers: bool = False) -> Prepared:
             # Validation's classes stay out of training: outliers from the other tin_aux classes.
             outliers = ood_sets.tin_aux_part("train", cfg.data_dir, cfg.cache_dir,
                                              cfg.outlier_max_images, seed=cfg.split_seed)[0]
-    record = protocols.record(protocol, [s.name for s in test_ood], missing)
+    record = protocols.record(protocol, [s.name for s in test_ood], missing, cfg.dataset, cfg.image_store_side)
     record["ood_set_sizes"] = ",".join(f"{s.name}:{len(s)}" for s in test_ood)
     if ood_sets.VAL_HOLDOUT in cfg.val_ood:
         record["val_ood_holdout_wnids"] = ",".join(ood_sets.tin_aux_part("holdout", cfg.data_dir, cfg.cache_dir)[1])
@@ -185,7 +207,9 @@ class Trial:
                                  f"torch.compile; use compile=none")
             mode = None if self.speed["compile"] == "default" else self.speed["compile"]
             self.train_model = torch.compile(self.model, mode=mode)
-        to_dev = lambda s: augment.to_device_images(s.x, self.device)  # noqa: E731
+        # Sets beyond cfg.device_image_budget_gb stream from host memory (large_lt.Placement).
+        self.placement = large_lt.Placement(self.device, cfg.device_image_budget_gb)
+        to_dev = self.placement.place
         self.train_x, self.val_x, self.test_x = to_dev(ident.train), to_dev(ident.val), to_dev(ident.test)
         self.train_y = torch.from_numpy(ident.train.y).to(self.device)
         counts = torch.as_tensor(ident.counts, dtype=torch.float64)
@@ -202,6 +226,7 @@ class Trial:
             self.train_x, self.train_y,
             to_dev(meta) if meta is not None else self.train_x[:0],
             torch.from_numpy(meta.y).to(self.device) if meta is not None else self.train_y[:0]))
+        self.resolved["resolved.streamed_sets"] = ",".join(self.placement.streamed) or "none"
         self.groups = metrics.class_groups(ident.counts)
         self.pascl_groups = metrics.pascl_shot_groups(ident.counts)
         self.epoch = 0

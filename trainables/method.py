@@ -17,7 +17,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from trainables import augment, detectors, scores
+from trainables import augment, detectors, large_lt, models, scores
 from trainables.config import TrainConfig
 
 
@@ -68,6 +68,9 @@ class Method(abc.ABC):
     augment_rule = augment.AUGMENT_RULE
     input_rule = f"mean {augment.CIFAR_MEAN} std {augment.CIFAR_STD} (CIFAR-10, all sets)"
     compilable = True              # the engine may torch.compile the model passed to `loss`
+    # Runs on ImageNet-LT / Places-LT: the method builds its network with `backbone`, and the
+    # dataset's views (trainables.large_lt.View) replace its CIFAR transforms there.
+    large_scale = False
     odin_std = augment.CIFAR_STD   # ODIN's step is in pixel units, divided by the input std
     # Training statistics of a feature-based cfg.ood_score (trainables.detectors), set by
     # `fit_detector`; a checkpoint carries them, so a loaded champion scores without refitting.
@@ -76,6 +79,31 @@ class Method(abc.ABC):
     def __init__(self, cfg: TrainConfig, counts: list[int], device: torch.device):
         self.cfg, self.counts, self.device = cfg, list(counts), device
         self.num_classes = len(counts)
+        if large_lt.is_large(cfg.dataset):
+            if not self.large_scale:
+                raise ValueError(f"method {self.name} has no large-scale setup (its network and views are "
+                                 f"CIFAR's), so dataset={cfg.dataset!r} is not accepted; accepted: cifar10, cifar100")
+            # A large set's input pipeline is the dataset's: the methods' CIFAR augmentations
+            # (crop with padding, cutout) do not apply to 224-px images.
+            view = large_lt.View(cfg.image_size, cfg.crop_min_scale)
+            self.train_transform, self.eval_transform = view.train, view.eval
+            self.augment_rule, self.input_rule = view.rules()
+            self.odin_std = large_lt.IMAGENET_STD
+
+    def backbone_name(self) -> str | None:
+        """Returns the torchvision backbone in use (cfg.backbone, or on a large set its papers'),
+        or None for the method's own CIFAR network."""
+        if self.cfg.backbone != "auto":
+            return self.cfg.backbone
+        return large_lt.SETS[self.cfg.dataset].backbone if large_lt.is_large(self.cfg.dataset) else None
+
+    def backbone(self, cifar_model: str, **cifar_kwargs) -> torch.nn.Module:
+        """Returns the method's CIFAR network `cifar_model`, or the torchvision ResNet of
+        `backbone_name` (with cfg.pretrained) where one is in use."""
+        name = self.backbone_name()
+        if name is None:
+            return models.create(cifar_model, self.num_classes, **cifar_kwargs)
+        return models.create(name, self.num_classes, pretrained=self.cfg.pretrained)
 
     # -- model and optimiser ---------------------------------------------------------------
     @abc.abstractmethod

@@ -1,4 +1,4 @@
-"""CIFAR backbones behind a tiny registry: `create("lgla_resnet32", num_classes=10)`.
+"""CIFAR (and ImageNet-size) backbones behind a tiny registry: `create("lgla_resnet32", num_classes=10)`.
 
 Every model returns the same thing, so methods never branch on the architecture:
 
@@ -14,9 +14,13 @@ Registered:
 - "lgla_resnet32": LGLA's K-expert ResNet-32 (DARL spec §3.0): a shared stem + layer1, then
   layer2/layer3 as grouped convolutions (groups = K) over K tiled copies, one cosine classifier
   per expert. Parameter count 1,344,784 (C=10, K=3) and 1,362,064 (C=100, K=3), as in LGLA.
+- "resnet18", "resnet50", "resnet152": torchvision's ImageNet ResNets (ImageNet-LT, Places-LT).
+- "lgla_resnet50": LGLA's K-expert ResNet-50 for ImageNet-LT (shared stem to layer2).
 """
 from __future__ import annotations
 
+import os
+from functools import partial
 from typing import Callable
 
 import torch
@@ -310,7 +314,95 @@ class RNAResNet18(nn.Module):
         return self.projection(feats)
 
 
+# ----------------------------------------------------------------------------- ImageNet-size
+
+TORCHVISION_RESNETS = ("resnet18", "resnet50", "resnet152")
+
+
+def _torchvision_resnet(arch: str, pretrained: str | None) -> nn.Module:
+    """Returns torchvision's `arch`, random or with ImageNet weights: `pretrained` is a state-dict
+    file (torchvision's layout; its `fc.*` is dropped) or "imagenet" (torchvision's weights enum,
+    downloaded on first use). ValueError, one line, for a missing or mismatched file."""
+    import torchvision
+    if arch not in TORCHVISION_RESNETS:
+        raise ValueError(f"arch={arch!r}; accepted: {', '.join(TORCHVISION_RESNETS)}")
+    if pretrained == "imagenet":
+        return getattr(torchvision.models, arch)(weights="DEFAULT")
+    net = getattr(torchvision.models, arch)(weights=None)
+    if pretrained is None:
+        return net
+    if not os.path.isfile(pretrained):
+        raise ValueError(f"pretrained={pretrained!r}: no such file; accepted: a torchvision {arch} "
+                         f"state-dict file, \"imagenet\" or null")
+    state = torch.load(pretrained, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
+    own = net.state_dict()
+    missing = [k for k in own if not k.startswith("fc.") and k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"pretrained={pretrained!r} does not fit torchvision {arch}: {len(missing)} missing, "
+                         f"{len(unexpected)} unexpected, {len(wrong)} mis-shaped keys (e.g. "
+                         f"{(missing + unexpected + wrong)[0]}); accepted: a {arch} state dict")
+    net.load_state_dict(state, strict=False)   # only fc.* is left out
+    return net
+
+
+class TorchvisionResNet(nn.Module):
+    """torchvision's ImageNet ResNet (7x7 stem, max-pool, GAP) with a fresh linear classifier.
+
+    forward(x [B, 3, H, W]) returns (logits [1, B, C], feats [1, B, d]); d = 512 (ResNet-18) or
+    2048 (ResNet-50/152)."""
+
+    num_experts = 1
+
+    def __init__(self, num_classes: int, arch: str = "resnet50", pretrained: str | None = None):
+        super().__init__()
+        net = _torchvision_resnet(arch, pretrained)
+        self.feature_dim = net.fc.in_features
+        net.fc = nn.Identity()
+        self.trunk = net
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.trunk(x)                                 # [B, d]
+        return self.classifier(feats).unsqueeze(0), feats.unsqueeze(0)
+
+
+class LGLAResNet50(nn.Module):
+    """LGLA's K-expert ImageNet ResNet (DARL spec §3.0, ImageNet-LT): torchvision's stem, layer1
+    and layer2 shared; K copies of layer3 + layer4, one per expert (LGLA runs them as grouped
+    convs with 1x1 grouped downsampling, which is the same as separate copies: no channel leaks
+    between experts); one cosine classifier (s = 30) per expert on its 2048-d GAP feature.
+
+    forward(x) returns (logits [K, B, C], feats [K, B, d])."""
+
+    def __init__(self, num_classes: int, num_experts: int = 3, cos_scale: float = 30.0,
+                 arch: str = "resnet50", pretrained: str | None = None):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        import copy
+        net = _torchvision_resnet(arch, pretrained)
+        self.num_experts = num_experts
+        self.shared = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2)
+        self.experts = nn.ModuleList(nn.Sequential(copy.deepcopy(net.layer3), copy.deepcopy(net.layer4))
+                                     for _ in range(num_experts))
+        d = net.fc.in_features
+        self.classifiers = nn.ModuleList(NormedLinear(d, num_classes, cos_scale) for _ in range(num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shared = self.shared(x)
+        feats = torch.stack([_gap(expert(shared)) for expert in self.experts])    # [K, B, d]
+        return torch.stack([head(f) for head, f in zip(self.classifiers, feats)]), feats
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": partial(TorchvisionResNet, arch="resnet18"),
+    "resnet50": partial(TorchvisionResNet, arch="resnet50"),
+    "resnet152": partial(TorchvisionResNet, arch="resnet152"),
+    "lgla_resnet50": LGLAResNet50,
     "resnet32": ResNet32,
     "resnet32_multihead": MultiHeadResNet32,
     "lgla_resnet32": LGLAResNet32,
@@ -329,7 +421,9 @@ def create(name: str, num_classes: int, **kwargs) -> nn.Module:
     kwargs go to the model: resnet32 takes classifier="linear"|"cosine", cos_scale;
     lgla_resnet32 takes num_experts, expert_shortcut="lgla_concat"|"per_expert", cos_scale;
     resnet18_rna takes shortcut_bn_affine, projection="mlp"|"linear"|"none", proj_dim;
-    resnet32_multihead takes num_heads.
+    resnet32_multihead takes num_heads; resnet18 / resnet50 / resnet152 (torchvision's) take
+    pretrained (a state-dict file or "imagenet"); lgla_resnet50 takes num_experts, cos_scale,
+    arch, pretrained.
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered models: {names()}")

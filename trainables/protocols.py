@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainables import data, metrics, ood_sets
+from trainables import data, large_lt, metrics, ood_sets
 
 CHECKPOINT_LAST = "last epoch (no selection on test data)"
 
@@ -34,12 +34,28 @@ class Protocol:
     checkpoint: str = CHECKPOINT_LAST
     paper: bool = True                      # False: not a paper's protocol
     note: str = ""
+    # The large benchmarks (trainables.large_lt): dataset -> its sets, and its named groups.
+    large_sets: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    large_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def sets_for(self, dataset: str) -> tuple[str, ...]:
-        """Returns the protocol's sets for an ID set (CIFAR-100 as ID takes CIFAR-10 as near-OOD)."""
+        """Returns the protocol's sets for an ID set (CIFAR-100 as ID takes CIFAR-10 as near-OOD;
+        a large set takes its own, ValueError if the protocol has none for it)."""
+        if large_lt.is_large(dataset):
+            sets = dict(self.large_sets).get(dataset)
+            if sets is None:
+                having = [n for n, p in PROTOCOLS.items() if dataset in dict(p.large_sets)]
+                raise ValueError(f"protocol '{self.name}' has no OOD sets for dataset {dataset}; accepted "
+                                 f"for {dataset}: {', '.join(having + ['offline'])}")
+            return sets
+        if self.large_sets and not self.sets:
+            raise ValueError(f"protocol '{self.name}' has OOD sets only for "
+                             f"{', '.join(d for d, _ in self.large_sets)}, not for dataset {dataset}")
         return tuple(_for_id(name, dataset) for name in self.sets)
 
     def groups_for(self, dataset: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        if large_lt.is_large(dataset):
+            return self.large_groups
         return tuple((g, tuple(_for_id(n, dataset) for n in names)) for g, names in self.groups)
 
     def subsample_rule(self) -> str:
@@ -55,6 +71,10 @@ def _for_id(name: str, dataset: str) -> str:
 _SCOOD = ("scood_texture", "scood_svhn", "scood_cifar100", "scood_tin", "scood_lsun", "scood_places365")
 _OPENOOD_NEAR = ("cifar100_test", "tin_val")
 _OPENOOD_FAR = ("mnist", "svhn", "dtd", "places365")
+_IN1K_OOD = (("imagenet-lt", ("imagenet_1k_ood",)),)
+_OPENOOD_IN_NEAR = ("openood_ssb_hard", "openood_ninco")
+_OPENOOD_IN_FAR = ("openood_inaturalist", "openood_textures", "openood_openimage_o")
+_OLTR_OPEN = (("imagenet-lt", ("imagenet_lt_open",)), ("places-lt", ("places_lt_open",)))
 _OPENOOD_NOTE = ("OpenOOD v1.5's own image lists (which drop TinyImageNet/Places365 images of ID "
                  "classes) are not read: the full TinyImageNet val and Places365 val are used")
 
@@ -67,28 +87,39 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
              ("svhn", "dtd", "places365", "tin_val", "inaturalist", "lsun_c", "lsun_r"),
              "fpr95_idpos", "crop", "darl.md §5 (OOD test sets), §6; ricasso.md §6",
              note="iNaturalist is the MOS 10,000-image subset (the specs name iNaturalist2018 val, "
-                  "24,426); Places365 is the full 36,500 val"),
+                  "24,426); Places365 is the full 36,500 val; on ImageNet-LT: PASCL's ImageNet-1k-OOD "
+                  "(darl.md §5; RICASSO's iNaturalist2018 val is not read)",
+             large_sets=_IN1K_OOD),
     Protocol("rna", "RNA: SC-OOD lists, sc_label >= 0 counted as ID, OOD-positive FPR95",
              _SCOOD, "fpr95_oodpos_oe", "square", "rna.md §4.5, §5.2; ltood_code_survey.md §1.3",
-             sc_relabel=True),
+             sc_relabel=True, large_sets=_IN1K_OOD),
     Protocol("pascl", "PASCL: SC-OOD lists, sc_label >= 0 counted as ID, OOD-positive FPR95",
              _SCOOD, "fpr95_oodpos_oe", "square", "ltood_code_survey.md §1.3, §3.1 (PASCL test.py)",
              sc_relabel=True,
              checkpoint="last epoch of stage 1 for OOD metrics (test.py --ckpt latest); the paper's "
-                        "ACC comes from a stage-2 fine-tune this method does not run"),
+                        "ACC comes from a stage-2 fine-tune this method does not run", large_sets=_IN1K_OOD),
     Protocol("open_sampling", "Open-sampling: 10 sets (3 synthetic), 2,000 images each, OE protocol",
              ("gaussian", "rademacher", "blobs", "dtd", "svhn", "places365", "lsun_c", "lsun_r", "isun",
               "cifar100_test"),
              "fpr95_oodpos_oe", "crop", "open_sampling.md §6", max_images=2000,
-             note="2,000 = len(ID test) // 5 per set (OE test.py); compare with Table 5's AUPR as aupr_out"),
+             note="2,000 = len(ID test) // 5 per set (OE test.py); compare with Table 5's AUPR as aupr_out; "
+                  "Places-LT (accuracy only in the paper): OLTR's open set",
+             large_sets=_OLTR_OPEN[1:]),
     Protocol("cala", "CALA: the paper has no OOD evaluation; OpenOOD v1.5's sets",
              _OPENOOD_NEAR + _OPENOOD_FAR, "fpr95_oodpos", "crop", "cala.md §6, §8.3",
              groups=(("near", _OPENOOD_NEAR), ("far", _OPENOOD_FAR)), paper=False,
-             note="CALA reports accuracy only; " + _OPENOOD_NOTE),
+             note="CALA reports accuracy only; " + _OPENOOD_NOTE + "; Places-LT: OLTR's open set",
+             large_sets=_OLTR_OPEN[1:]),
     Protocol("openood-v1.5", "OpenOOD v1.5 CIFAR benchmark: near and far averages",
              _OPENOOD_NEAR + _OPENOOD_FAR, "fpr95_oodpos", "crop",
              "ltood_code_survey.md §3.1 (OpenOOD metrics); data README",
-             groups=(("near", _OPENOOD_NEAR), ("far", _OPENOOD_FAR)), note=_OPENOOD_NOTE),
+             groups=(("near", _OPENOOD_NEAR), ("far", _OPENOOD_FAR)), note=_OPENOOD_NOTE,
+             large_sets=(("imagenet-lt", _OPENOOD_IN_NEAR + _OPENOOD_IN_FAR),),
+             large_groups=(("near", _OPENOOD_IN_NEAR), ("far", _OPENOOD_IN_FAR))),
+    Protocol("oltr", "OLTR open-set test (Liu et al. 2019): the *_LT_open.txt lists",
+             (), "fpr95_oodpos", "crop", "OLTR's split lists (ImageNet_LT_open.txt, Places_LT_open.txt)",
+             paper=False, large_sets=_OLTR_OPEN,
+             note="large benchmarks only; OLTR itself reports open-set F-measure, not FPR95"),
 )}
 ALIASES = {"ricasso": "darl"}
 # Each method's own paper; methods without one take the protocol of the papers that ran them.
@@ -116,7 +147,8 @@ def for_method(method: str) -> str:
 
 
 def load_sets(protocol: Protocol, dataset: str, data_dir: str | None, cache_dir: str, download: bool,
-              seed: int, allow_missing: bool) -> tuple[list[data.ImageSet], list[str]]:
+              seed: int, allow_missing: bool,
+              store_side: int = 256) -> tuple[list[data.ImageSet], list[str]]:
     """Returns (the protocol's test-OOD sets that were found, the names of those missing).
 
     A missing set raises MissingDataError (naming it and where it was looked for) unless
@@ -125,11 +157,15 @@ def load_sets(protocol: Protocol, dataset: str, data_dir: str | None, cache_dir:
     found, missing = [], []
     for i, name in enumerate(protocol.sets_for(dataset)):
         if name in data.synthetic_names():
-            found.append(data.synthetic_ood(name, protocol.max_images or 2000, seed=10_000 + seed + i))
+            found.append(data.synthetic_ood(name, protocol.max_images or 2000, seed=10_000 + seed + i,
+                                            size=store_side if large_lt.is_large(dataset) else data.IMAGE_SIZE))
             continue
         try:
-            found.append(ood_sets.load(name, data_dir, cache_dir, download, protocol.resize,
-                                       protocol.max_images, seed, id_name=dataset))
+            if large_lt.is_large(dataset):   # decoded at the ID images' stored side
+                found.append(large_lt.load_ood(name, data_dir, cache_dir, store_side, protocol.max_images, seed))
+            else:
+                found.append(ood_sets.load(name, data_dir, cache_dir, download, protocol.resize,
+                                           protocol.max_images, seed, id_name=dataset))
         except data.MissingDataError as e:
             if not allow_missing:
                 raise data.MissingDataError(f"protocol '{protocol.name}': {e}; pass --allow-missing-ood "
@@ -142,16 +178,22 @@ def load_sets(protocol: Protocol, dataset: str, data_dir: str | None, cache_dir:
     return found, missing
 
 
-def record(protocol: Protocol, covered: list[str], missing: list[str]) -> dict[str, str]:
+def record(protocol: Protocol, covered: list[str], missing: list[str], dataset: str = "cifar10",
+           store_side: int = 256) -> dict[str, str]:
     """Returns the params that say how a run's OOD numbers were computed."""
+    if large_lt.is_large(dataset):
+        resize = large_lt.store_rule(store_side)
+    elif protocol.name == "offline":
+        resize = data.OOD_RESIZE_RULE
+    else:
+        resize = ood_sets.RESIZE_RULES[protocol.resize]
     return {"protocol": protocol.name,
             "protocol_title": protocol.title,
             "protocol_is_paper": str(protocol.paper).lower(),
             "protocol_source": protocol.source,
             "protocol_checkpoint": protocol.checkpoint,
             "protocol_fpr95_headline": protocol.headline_fpr,
-            "protocol_resize_rule": (data.OOD_RESIZE_RULE if protocol.name == "offline"
-                                     else ood_sets.RESIZE_RULES[protocol.resize]),
+            "protocol_resize_rule": resize,
             "protocol_subsample": protocol.subsample_rule(),
             "protocol_sc_relabel": str(protocol.sc_relabel).lower(),
             "protocol_note": protocol.note or "-",

@@ -1,0 +1,276 @@
+"""ImageNet-LT / Places-LT: split lists, the decode-once cache, device views, streaming, the
+torchvision backbones, the large benchmarks' OOD release formats, and a search end to end, all on
+tiny ImageFolder trees generated here (64x64 and 80x64 JPEGs, a few classes)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from tests.conftest import REPO
+from trainables import data, engine, large_lt, models, protocols, registry
+
+TRAIN_COUNTS = [8, 5, 3, 2]          # long-tailed, class 0 the head
+VAL_PER_CLASS, TEST_PER_CLASS = 2, 3
+SIDE, VIEW = 40, 32                  # stored side and view size: small, so a CPU trains in seconds
+
+
+def _jpeg(path: str, rng: np.random.RandomState, size=(64, 64), tint=0) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = rng.randint(0, 256, size=(size[1], size[0], 3)).astype(np.uint8)
+    pixels[..., tint % 3] = 255 - 40 * tint   # a class-dependent colour cast
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def make_lt_tree(data_dir: str, folder: str = "ImageNet_LT", prefix: str = "ImageNet_LT") -> str:
+    """Writes `<data_dir>/<folder>/` with {train,val,test}/<wnid>/*.JPEG and the three split
+    lists (`<path> <label>`); every third training image is 80x64, so the stored square is a
+    centre crop. Returns the folder."""
+    root = os.path.join(data_dir, folder)
+    rng = np.random.RandomState(0)
+    per_split = {"train": TRAIN_COUNTS, "val": [VAL_PER_CLASS] * 4, "test": [TEST_PER_CLASS] * 4}
+    for split, counts in per_split.items():
+        lines = []
+        for label, n in enumerate(counts):
+            for i in range(n):
+                rel = f"{split}/n0{label}000/{split}_{label}_{i}.JPEG"
+                _jpeg(os.path.join(root, rel), rng, (80, 64) if i % 3 == 2 else (64, 64), label)
+                lines.append(f"{rel} {label}")
+        with open(os.path.join(root, f"{prefix}_{split}.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return root
+
+
+def make_ood_releases(data_dir: str) -> None:
+    """Writes tiny copies of the release formats: ImageNet-1k-OOD's ImageFolder tree, an OpenOOD
+    v1.5 ImageNet image list, and OLTR's Places-LT open-set list."""
+    rng = np.random.RandomState(1)
+    for wnid in ("n10000001", "n10000002"):
+        for i in range(3):
+            _jpeg(os.path.join(data_dir, "imagenet10k_ood_test", wnid, f"{wnid}_{i}.JPEG"), rng)
+    lines = []
+    for i in range(4):
+        rel = f"ninco/ninco_{i}.jpg"
+        _jpeg(os.path.join(data_dir, "images_largescale", rel), rng, (70, 64))
+        lines.append(f"{rel} -1")
+    os.makedirs(os.path.join(data_dir, "benchmark_imglist", "imagenet"))
+    with open(os.path.join(data_dir, "benchmark_imglist", "imagenet", "test_ninco.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.makedirs(os.path.join(data_dir, "Places_LT"), exist_ok=True)
+    for i in range(3):
+        _jpeg(os.path.join(data_dir, "Places_LT", "open", f"{i}.jpg"), rng)
+    with open(os.path.join(data_dir, "Places_LT", "Places_LT_open.txt"), "w") as f:
+        f.write("".join(f"/open/{i}.jpg -1\n" for i in range(3)))
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> str:
+    data_dir = str(tmp_path_factory.mktemp("large"))
+    make_lt_tree(data_dir)
+    make_ood_releases(data_dir)
+    return data_dir
+
+
+def spec(**kw) -> data.DatasetSpec:
+    return data.DatasetSpec(name="imagenet-lt", store_side=SIDE, val_per_class=0, **kw)
+
+
+# ----------------------------------------------------------------------------- lists and cache
+
+
+def test_build_rule_counts_and_record(tree, tmp_path):
+    ident = data.load_id_data(spec(), tree, str(tmp_path), download=False)
+    assert ident.counts == TRAIN_COUNTS
+    assert (len(ident.train), len(ident.val), len(ident.test)) == (18, 8, 12)
+    assert ident.train.x.shape == (18, SIDE, SIDE, 3) and ident.train.x.dtype == np.uint8
+    assert ident.class_names == ["n00000", "n01000", "n02000", "n03000"]
+    assert np.array_equal(np.bincount(ident.test.y), [TEST_PER_CLASS] * 4)
+    # Row 2 is an 80x64 image: shorter side 64 -> 40 gives 50x40, the centre 40 columns kept.
+    with Image.open(os.path.join(tree, "ImageNet_LT", "train/n00000/train_0_2.JPEG")) as im:
+        assert im.size == (80, 64)
+        by_hand = np.asarray(im.convert("RGB").resize((50, 40), Image.Resampling.BILINEAR))[:, 5:45]
+    assert np.array_equal(ident.train.x[2], by_hand)
+    assert ident.record["data_rule"] == large_lt.store_rule(SIDE)
+    assert ident.record["counts"] == "8,5,3,2" and ident.record["imbalance_ratio"] == "fixed by the split list"
+    capped = data.load_id_data(spec(n_max=3, test_per_class=1), tree, str(tmp_path), download=False)
+    assert capped.counts == [3, 3, 3, 2] and len(capped.test) == 4
+
+
+def test_cache_is_reused_and_follows_the_list(tree, tmp_path, monkeypatch):
+    data.load_id_data(spec(), tree, str(tmp_path), download=False)
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 3    # one array per split list
+
+    def no_decoding(*_):
+        raise AssertionError("decoded again although the cache holds the list")
+    monkeypatch.setattr(large_lt, "decode_image", no_decoding)
+    again = data.load_id_data(spec(), tree, str(tmp_path), download=False)
+    assert again.counts == TRAIN_COUNTS and sorted(os.listdir(tmp_path)) == files
+    # A changed list (here: a new mtime) is a new cache key, so it is decoded again.
+    listed = os.path.join(tree, "ImageNet_LT", "ImageNet_LT_val.txt")
+    os.utime(listed, ns=(os.stat(listed).st_atime_ns, os.stat(listed).st_mtime_ns + 10**9))
+    with pytest.raises(AssertionError, match="decoded again"):
+        data.load_id_data(spec(), tree, str(tmp_path), download=False)
+
+
+def test_missing_list_and_bad_line_are_one_line_errors(tree, tmp_path):
+    with pytest.raises(data.MissingDataError) as e:
+        data.load_id_data(data.DatasetSpec(name="places-lt", store_side=SIDE), tree, str(tmp_path), False)
+    assert "Places_LT_train.txt not found" in str(e.value) and "\n" not in str(e.value)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("train/a.JPEG 0\ntrain/b.JPEG zero\n")
+    with pytest.raises(ValueError, match=r"bad.txt:2: 'train/b.JPEG zero'; accepted: '<relative path> <integer label>'"):
+        large_lt.read_split_list(str(bad))
+
+
+# ----------------------------------------------------------------------------- device views
+
+
+def test_random_resized_crop_flip_shapes_range_determinism():
+    x = torch.randint(0, 256, (6, 3, SIDE, SIDE), dtype=torch.uint8)
+    a = large_lt.random_resized_crop_flip(x, torch.Generator().manual_seed(0), VIEW)
+    b = large_lt.random_resized_crop_flip(x, torch.Generator().manual_seed(0), VIEW)
+    c = large_lt.random_resized_crop_flip(x, torch.Generator().manual_seed(1), VIEW)
+    assert a.shape == (6, 3, VIEW, VIEW) and a.dtype == torch.float32
+    assert 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # scale = ratio = 1 leaves one box, the whole image: each row is the plain resize or its mirror.
+    whole = large_lt.random_resized_crop_flip(x, torch.Generator().manual_seed(0), VIEW, (1.0, 1.0), (1.0, 1.0))
+    plain = F.interpolate(x.float() / 255, size=(VIEW, VIEW), mode="bilinear", align_corners=False)
+    for row, want in zip(whole, plain):
+        assert min((row - want).abs().max(), (row - want.flip(-1)).abs().max()) < 1e-5
+    flipped = [bool((row - want).abs().max() > 1e-5) for row, want in zip(whole, plain)]
+    assert any(flipped) and not all(flipped)
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (48, 64)])
+def test_eval_view_matches_torchvision(shape):
+    from torchvision.transforms.v2 import functional as TF
+    x = torch.randint(0, 256, (2, 3, *shape), dtype=torch.uint8)
+    ours = large_lt.resize_center_crop(x, 36, VIEW)
+    theirs = TF.center_crop(TF.resize(x.float() / 255, [36], antialias=True), [VIEW])
+    assert ours.shape == theirs.shape == (2, 3, VIEW, VIEW)
+    assert (ours - theirs).abs().max() < 1e-5
+    assert large_lt.eval_resize(224) == 256
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def test_streamed_images_equal_resident():
+    x = np.random.RandomState(0).randint(0, 256, (10, 8, 8, 3)).astype(np.uint8)
+    placement = large_lt.Placement(torch.device("cpu"), budget_gb=x.nbytes / 2**30)
+    resident = placement.place(data.ImageSet(x, np.zeros(10), "a"))
+    streamed = placement.place(data.ImageSet(x, np.zeros(10), "b"))   # over the budget now
+    assert isinstance(streamed, large_lt.StreamedImages) and placement.streamed == ["b"]
+    streamed.chunk = 3                                                  # several chunks per batch
+    idx = torch.tensor([9, 0, 4, 4, 7])
+    assert torch.equal(streamed[idx], resident[idx])
+    assert torch.equal(streamed[2:9], resident[2:9]) and len(streamed) == 10
+    assert streamed.shape == resident.shape
+
+
+def test_training_with_streamed_sets_equals_resident(tree, tmp_path):
+    """One epoch with every set streamed from host memory gives the same numbers as resident."""
+    method = registry.get("ce")
+    base = dict(dataset="imagenet-lt", image_store_side=SIDE, image_size=VIEW, backbone="resnet18",
+                data_dir=tree, cache_dir=str(tmp_path), download=False, val_per_class=1, epochs=1,
+                batch_size=8, eval_batch_size=8, val_ood=("gaussian",), val_ood_size=8, warmup_epochs=0)
+    results = []
+    for budget in (None, 0.0):
+        cfg = method.config_cls.from_dict({**base, "device_image_budget_gb": budget})
+        out = engine.fit(method, cfg, engine.LocalReporter(str(tmp_path / f"run-{budget}")))
+        results.append(out)
+    assert results[0]["resolved.streamed_sets"] == "none"
+    assert results[1]["resolved.streamed_sets"].startswith("imagenet-lt-train,imagenet-lt-val,imagenet-lt-test")
+    for key in ("train_loss", "val_acc", "val_auroc", "test_acc", "test_auroc"):
+        assert results[0][key] == pytest.approx(results[1][key], abs=1e-6), key
+
+
+# ----------------------------------------------------------------------------- backbones
+
+
+def test_pretrained_state_dict_is_loaded(tmp_path):
+    import torchvision
+    source = torchvision.models.resnet18(weights=None)
+    path = str(tmp_path / "r18.pt")
+    torch.save(source.state_dict(), path)
+    model = models.create("resnet18", 5, pretrained=path)
+    assert torch.equal(model.trunk.conv1.weight, source.conv1.weight)
+    assert torch.equal(model.trunk.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+    logits, feats = model(torch.zeros(2, 3, 32, 32))
+    assert logits.shape == (1, 2, 5) and feats.shape == (1, 2, 512)
+    with pytest.raises(ValueError, match=r"pretrained='.*nope.pt': no such file; accepted"):
+        models.create("resnet18", 5, pretrained=str(tmp_path / "nope.pt"))
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "r50.pt")
+    with pytest.raises(ValueError, match="does not fit torchvision resnet18"):
+        models.create("resnet18", 5, pretrained=str(tmp_path / "r50.pt"))
+
+
+def test_lgla_resnet50_experts_share_only_the_trunk():
+    model = models.create("lgla_resnet50", 7, num_experts=3, arch="resnet18")
+    logits, feats = model(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (3, 2, 7) and feats.shape == (3, 2, 512)
+    logits[0].sum().backward()
+    assert model.shared[0].weight.grad.abs().sum() > 0
+    assert model.experts[0][0][0].conv1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in model.experts[1].parameters())
+
+
+# ----------------------------------------------------------------------------- OOD release formats
+
+
+def test_ood_release_formats(tree, tmp_path):
+    ood = large_lt.load_ood("imagenet_1k_ood", tree, str(tmp_path), SIDE)
+    assert ood.x.shape == (6, SIDE, SIDE, 3) and (ood.y == -1).all()
+    ninco = large_lt.load_ood("openood_ninco", tree, str(tmp_path), SIDE, max_images=3)
+    assert len(ninco) == 3
+    assert len(large_lt.load_ood("places_lt_open", tree, str(tmp_path), SIDE)) == 3
+    with pytest.raises(data.MissingDataError, match=r"OOD set 'openood_textures' .* not found; looked in: .*test_textures.txt"):
+        large_lt.load_ood("openood_textures", tree, str(tmp_path), SIDE)
+    assert protocols.get("rna").sets_for("imagenet-lt") == ("imagenet_1k_ood",)
+    assert protocols.get("openood-v1.5").groups_for("imagenet-lt")[0] == (
+        "near", ("openood_ssb_hard", "openood_ninco"))
+    with pytest.raises(ValueError, match="protocol 'rna' has no OOD sets for dataset places-lt"):
+        protocols.get("rna").sets_for("places-lt")
+
+
+def test_method_without_large_setup_is_refused():
+    cfg = registry.get("rna").config_cls.from_dict({"dataset": "imagenet-lt"})
+    with pytest.raises(ValueError, match="method rna has no large-scale setup"):
+        registry.get("rna")(cfg, [3, 2], "cpu")
+
+
+# ----------------------------------------------------------------------------- search end to end
+
+
+@pytest.mark.integration
+def test_two_trial_search_end_to_end(tree, tmp_path, tracking_uri):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, os.path.join(REPO, "search", "run.py"), "ce", "--dataset", "imagenet-lt",
+            "--trials", "2", "--epochs", "1", "--grace-period", "1", "--data-dir", tree,
+            "--cache-dir", str(tmp_path / "cache"), "--no-download", "--tracking-uri", tracking_uri,
+            "--name", "large-e2e", "--storage", str(tmp_path / "ray_results"), "--val-ood", "gaussian",
+            "--set", f"image_store_side={SIDE}", "--set", f"image_size={VIEW}", "--set", "backbone=resnet18",
+            "--set", "val_per_class=2", "--set", "batch_size=8", "--set", "val_ood_size=16",
+            "--set", "outlier_max_images=16"]
+    ran = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, (ran.stdout + ran.stderr)[-5000:]
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("tailtune/ce/imagenet-lt")
+    parent = client.search_runs([exp.experiment_id], "tags.`tailtune.search` = 'large-e2e'")[0]
+    assert parent.data.tags["tailtune.data_rule"] == large_lt.store_rule(SIDE)
+    assert parent.data.params["dataset"] == "imagenet-lt" and parent.data.params["store_side"] == str(SIDE)
+    assert parent.data.params["augment"].startswith(f"RandomResizedCrop({VIEW}")
+    trials = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(trials) == 2
+    for run in trials:
+        assert 0 <= run.data.metrics["test_acc"] <= 1 and "test_imagenet_1k_ood_auroc" in run.data.metrics
+        assert run.data.params["backbone"] == "resnet18"

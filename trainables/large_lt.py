@@ -1,0 +1,503 @@
+"""ImageNet-LT and Places-LT: the standard split lists over an image folder, decoded once.
+
+Layout (no download: ImageNet and Places365 are not downloadable by script):
+
+    <data-dir>/ImageNet_LT/ImageNet_LT_{train,val,test}.txt   lines `<relative path> <label>`
+    <data-dir>/ImageNet_LT/<the paths the lists name>          e.g. train/n01440764/n01440764_10026.JPEG
+    <data-dir>/Places_LT/Places_LT_{train,val,test}.txt        the same for Places-LT
+
+Each list is decoded once into a uint8 cache at a fixed stored size: shorter side `store_side`,
+then the centred square (`STORE_RULE`), so every image is one row of an [N, S, S, 3] array, kept
+resident on the training device like CIFAR. Training views are random-resized crops of that
+square plus flips, made on the device for a whole batch at once (`random_resized_crop_flip`);
+evaluation views are resize + centre crop (`resize_center_crop`), as torchvision's
+Resize(256) + CenterCrop(224) when S = 256 and the view is 224. Where the arrays exceed a device
+budget, `Placement` keeps the rest in pinned host memory and copies each batch over in chunks
+(`StreamedImages`).
+
+The searches validate on the lists' own validation split (`*_val.txt`); the test list is only
+read for the final test.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from trainables import augment, data
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STORE_RULE = ("shorter side resized to {side} (PIL bilinear, antialiased), centred {side}x{side} "
+              "square kept; uint8 RGB")
+TRAIN_VIEW_RULE = ("RandomResizedCrop({size}, scale=({scale:g}, 1), ratio=(3/4, 4/3)) of the stored "
+                   "square (10 tries, else the whole square; bilinear, no antialias) + horizontal flip "
+                   "p=0.5, on the device per batch; ImageNet mean/std")
+EVAL_VIEW_RULE = "resize to {resize} (bilinear, antialiased) + centre crop {size}; ImageNet mean/std"
+EVAL_CROP_FRACTION = 224 / 256            # Resize(256) + CenterCrop(224), the ImageNet convention
+SPLITS = ("train", "val", "test")
+_CACHE_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class LargeSet:
+    name: str
+    folder: str          # under the data folder
+    prefix: str          # of the list files: <prefix>_{train,val,test}.txt
+    title: str
+    backbone: str        # the papers' backbone (models.create name)
+    default_test_ood: tuple[str, ...]
+
+
+SETS: dict[str, LargeSet] = {s.name: s for s in (
+    LargeSet("imagenet-lt", "ImageNet_LT", "ImageNet_LT",
+             "ImageNet-LT (Liu et al. 2019): 1000 classes, 115,846 train, 20,000 val, 50,000 test",
+             "resnet50", ("imagenet_1k_ood",)),
+    LargeSet("places-lt", "Places_LT", "Places_LT",
+             "Places-LT (Liu et al. 2019): 365 classes, 62,500 train, 7,300 val, 36,500 test",
+             "resnet152", ("places_lt_open",)),
+)}
+
+
+def names() -> list[str]:
+    """Returns the large-scale ID data set names."""
+    return list(SETS)
+
+
+def is_large(dataset: str) -> bool:
+    """Returns whether `dataset` is one of this module's sets (not 32x32 CIFAR)."""
+    return dataset in SETS
+
+
+def store_rule(side: int) -> str:
+    return STORE_RULE.format(side=side)
+
+
+def eval_resize(size: int) -> int:
+    """Returns the evaluation resize for a view of `size` px: 256 for 224."""
+    return int(round(size / EVAL_CROP_FRACTION))
+
+
+# ----------------------------------------------------------------------------- split lists
+
+
+def read_split_list(path: str) -> list[tuple[str, int]]:
+    """Returns the (relative path, label) rows of a split list: one `<path> <int label>` per
+    line, blank lines skipped. ValueError naming the file, line and what is accepted."""
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            text = line.strip()
+            if not text:
+                continue
+            rel, _, label = text.rpartition(" ")
+            try:
+                value = int(label)
+            except ValueError:
+                value = None
+            if not rel or value is None:
+                raise ValueError(f"{path}:{number}: '{text[:80]}'; accepted: '<relative path> <integer label>'")
+            rows.append((rel.strip().lstrip("/"), value))
+    return rows
+
+
+def list_path(spec: LargeSet, root: str, split: str) -> str:
+    return os.path.join(root, f"{spec.prefix}_{split}.txt")
+
+
+def dataset_root(name: str, data_dir: str | None) -> str:
+    """Returns `<data_dir>/<folder>` where the lists of `name` must be; MissingDataError naming
+    the folder and the missing list otherwise."""
+    spec = SETS[name]
+    if data_dir is None:
+        raise data.MissingDataError(f"data set '{name}' needs --data-dir (TAILTUNE_DATA_DIR) with "
+                                    f"{spec.folder}/{spec.prefix}_{{train,val,test}}.txt; no download exists")
+    root = os.path.join(data_dir, spec.folder)
+    for split in SPLITS:
+        if not os.path.isfile(list_path(spec, root, split)):
+            raise data.MissingDataError(
+                f"data set '{name}': split list {list_path(spec, root, split)} not found (looked in "
+                f"{root}); expected {spec.prefix}_{{train,val,test}}.txt there with the images at "
+                f"the paths they name, relative to {root}")
+    return root
+
+
+# ----------------------------------------------------------------------------- decoding and cache
+
+
+def fit_square(image: Image.Image, side: int) -> np.ndarray:
+    """Returns the image as uint8 [side, side, 3] RGB under STORE_RULE."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    width, height = image.size
+    scale = side / min(width, height)
+    new_w, new_h = max(side, round(width * scale)), max(side, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)   # antialiased when shrinking
+    left, top = (new_w - side) // 2, (new_h - side) // 2
+    return np.asarray(image.crop((left, top, left + side, top + side)), dtype=np.uint8)
+
+
+def decode_image(path: str, side: int) -> np.ndarray:
+    """Returns the image file at `path` as uint8 [side, side, 3] (STORE_RULE)."""
+    with Image.open(path) as image:
+        return fit_square(image, side)
+
+
+def decode_paths(paths: list[str], side: int, workers: int | None = None) -> np.ndarray:
+    """Returns uint8 [N, side, side, 3] for image files, decoded by a thread pool (Pillow
+    releases the GIL while decoding and resizing)."""
+    out = np.empty((len(paths), side, side, 3), dtype=np.uint8)
+
+    def one(i: int) -> None:
+        out[i] = decode_image(paths[i], side)
+
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        list(pool.map(one, range(len(paths))))
+    return out
+
+
+def _save_npy_atomic(path: str, array: np.ndarray) -> None:
+    # As data._save_npz_atomic: parallel trials may decode at once; readers never see half a file.
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npy")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            np.save(f, array)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _cache_key(list_file: str, images_root: str, side: int, extra: str = "") -> str:
+    stat = os.stat(list_file)
+    key = "|".join([_CACHE_VERSION, os.path.abspath(list_file), str(stat.st_size), str(stat.st_mtime_ns),
+                    os.path.abspath(images_root), store_rule(side), extra])
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def cached_list(list_file: str, images_root: str, side: int, cache_dir: str, prefix: str,
+                rows: list[tuple[str, int]] | None = None) -> tuple[np.ndarray, list[tuple[str, int]]]:
+    """Returns (uint8 [N, side, side, 3] memory-mapped from the cache, the list's rows): the
+    images a split list names, decoded on first use only. The cache is keyed by the list file's
+    path, size and mtime, the images' root and the stored size. `rows` replaces the list's rows
+    (a subset chosen by the caller, e.g. 50 per class; it must be deterministic)."""
+    extra = "" if rows is None else hashlib.sha1(repr(rows).encode()).hexdigest()
+    rows = read_split_list(list_file) if rows is None else rows
+    path = os.path.join(cache_dir, f"{prefix}-{side}-{_cache_key(list_file, images_root, side, extra)}.npy")
+    if os.path.isfile(path):
+        try:
+            x = np.load(path, mmap_mode="r")
+            if x.shape == (len(rows), side, side, 3):
+                return x, rows
+        except (OSError, ValueError):
+            pass   # an unreadable cache is rebuilt below
+    files = [os.path.join(images_root, rel) for rel, _ in rows]
+    missing = next((f for f in files if not os.path.isfile(f)), None)
+    if missing is not None:
+        raise data.MissingDataError(f"{list_file} lists {os.path.relpath(missing, images_root)}, which "
+                                    f"is not in {images_root}")
+    _save_npy_atomic(path, decode_paths(files, side))
+    return np.load(path, mmap_mode="r"), rows
+
+
+# ----------------------------------------------------------------------------- ID data
+
+
+def _per_class_subset(y: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
+    """Returns sorted indices keeping at most `cap` rows of each class (a seeded permutation's
+    first `cap`); all rows when cap is None."""
+    if cap is None:
+        return np.arange(len(y), dtype=np.int64)
+    rng = np.random.RandomState(seed)
+    keep = [np.sort(rng.permutation(np.flatnonzero(y == c))[:cap]) for c in np.unique(y)]
+    return np.sort(np.concatenate(keep)).astype(np.int64)
+
+
+def load_id_data(spec: data.DatasetSpec, data_dir: str | None, cache_dir: str) -> data.LongTailData:
+    """Returns ImageNet-LT / Places-LT as a LongTailData: train, val and test from the lists.
+
+    The lists fix the long tail, so imbalance_ratio is not applied. n_max caps each training
+    class, val_per_class each validation class and test_per_class each test class (seeded
+    subsets, for short searches). Raises MissingDataError naming the folder and the missing list
+    or image; ValueError when a training class is empty."""
+    info = SETS[spec.name]
+    side = spec.store_side
+    if spec.meta_per_class:
+        raise ValueError(f"meta_per_class={spec.meta_per_class} with dataset={spec.name}: a meta set is "
+                         f"not held out of the split lists; accepted: 0")
+    root = dataset_root(spec.name, data_dir)
+    arrays, rows = {}, {}
+    for split in SPLITS:
+        x, r = cached_list(list_path(info, root, split), root, side, cache_dir, f"{spec.name}-{split}")
+        arrays[split], rows[split] = x, r
+    labels = {s: np.array([label for _, label in rows[s]], dtype=np.int64) for s in SPLITS}
+    num_classes = int(max(labels[s].max() for s in SPLITS if len(labels[s]))) + 1
+    for split in SPLITS:
+        bad = labels[split][(labels[split] < 0)]
+        if len(bad):
+            raise ValueError(f"{list_path(info, root, split)}: label {int(bad[0])}; accepted: 0..{num_classes - 1}")
+    caps = {"train": spec.n_max, "val": spec.val_per_class or None, "test": spec.test_per_class}
+    index = {s: _per_class_subset(labels[s], caps[s], spec.seed + i) for i, s in enumerate(SPLITS)}
+    counts = np.bincount(labels["train"][index["train"]], minlength=num_classes)
+    if (counts == 0).any():
+        raise ValueError(f"{list_path(info, root, 'train')}: class {int(np.argmin(counts))} has no training "
+                         f"image; accepted: every label 0..{num_classes - 1} in the training list")
+    # Class names: the folder above each class's first training image (the wnid on ImageNet).
+    class_names = [""] * num_classes
+    for rel, label in rows["train"]:
+        if not class_names[label]:
+            class_names[label] = os.path.basename(os.path.dirname(rel)) or str(label)
+
+    def subset(split: str, name: str) -> data.ImageSet:
+        # Gathering from the memory map reads only the rows kept.
+        return data.ImageSet(np.ascontiguousarray(arrays[split][index[split]]), labels[split][index[split]], name)
+
+    record = {
+        "dataset": spec.name,
+        "imbalance_ratio": "fixed by the split list",
+        "n_max": "all" if spec.n_max is None else str(spec.n_max),
+        "val_per_class": "all" if not spec.val_per_class else str(spec.val_per_class),
+        "test_per_class": "all" if spec.test_per_class is None else str(spec.test_per_class),
+        "split_seed": str(spec.seed),
+        "lt_rule": f"the split lists {info.prefix}_{{train,val,test}}.txt; caps are seeded per-class subsets",
+        "counts": ",".join(str(int(n)) for n in counts),
+        "train_size": str(len(index["train"])),
+        "val_size": str(len(index["val"])),
+        "test_size": str(len(index["test"])),
+        "meta_per_class": "0",
+        "id_source": f"lists:{root}",
+        "class_order": "the lists' labels",
+        "data_rule": store_rule(side),
+        "store_side": str(side),
+    }
+    return data.LongTailData(
+        train=subset("train", f"{spec.name}-train"), val=subset("val", f"{spec.name}-val"),
+        test=subset("test", f"{spec.name}-test"), counts=[int(n) for n in counts],
+        class_names=class_names, record=record, train_index=index["train"], val_index=index["val"],
+        test_index=index["test"])
+
+
+# ----------------------------------------------------------------------------- OOD sets
+
+
+@dataclass(frozen=True)
+class OodRelease:
+    """A test-OOD set of the large benchmarks in its release format.
+
+    kind "folder": an ImageFolder tree `<data-dir>/<path>/<class>/<file>`, the first
+    `per_class` files of each class in sorted order. kind "list": a `<path> <label>` list file
+    `<data-dir>/<path>`, its image paths relative to `<data-dir>/<images>`."""
+    name: str
+    title: str
+    kind: str
+    path: str
+    images: str = ""
+    per_class: int | None = None
+    size: int | None = None
+    how_to_get: str = ""
+
+
+_OPENOOD_LIST = "benchmark_imglist/imagenet/test_{}.txt"
+_OPENOOD_IMAGES = "images_largescale"
+OOD_RELEASES: dict[str, OodRelease] = {r.name: r for r in (
+    OodRelease("imagenet_1k_ood", "ImageNet-1k-OOD (PASCL/RNA: 1,000 ImageNet-10k classes outside "
+               "ImageNet-1k and ImageNet-Extra, first 50 per class)", "folder", "imagenet10k_ood_test",
+               per_class=50, size=50_000, how_to_get="the ImageNet-10k classes of "
+               "imagenet_ood_test_1k_wnid_list.txt, one folder per wnid"),
+    OodRelease("openood_ssb_hard", "SSB-hard (OpenOOD v1.5 ImageNet near-OOD)", "list",
+               _OPENOOD_LIST.format("ssb_hard"), _OPENOOD_IMAGES, size=49_000),
+    OodRelease("openood_ninco", "NINCO (OpenOOD v1.5 ImageNet near-OOD)", "list",
+               _OPENOOD_LIST.format("ninco"), _OPENOOD_IMAGES, size=5_879),
+    OodRelease("openood_inaturalist", "iNaturalist (OpenOOD v1.5 ImageNet far-OOD, MOS subset)", "list",
+               _OPENOOD_LIST.format("inaturalist"), _OPENOOD_IMAGES, size=10_000),
+    OodRelease("openood_textures", "Textures (OpenOOD v1.5 ImageNet far-OOD)", "list",
+               _OPENOOD_LIST.format("textures"), _OPENOOD_IMAGES, size=5_160),
+    OodRelease("openood_openimage_o", "OpenImage-O (OpenOOD v1.5 ImageNet far-OOD)", "list",
+               _OPENOOD_LIST.format("openimage_o"), _OPENOOD_IMAGES, size=15_869),
+    OodRelease("places_lt_open", "Places-LT open set (OLTR's Places_LT_open.txt)", "list",
+               "Places_LT/Places_LT_open.txt", "Places_LT"),
+    OodRelease("imagenet_lt_open", "ImageNet-LT open set (OLTR's ImageNet_LT_open.txt)", "list",
+               "ImageNet_LT/ImageNet_LT_open.txt", "ImageNet_LT"),
+)}
+for _r in OOD_RELEASES.values():
+    if _r.kind == "list" and not _r.how_to_get:
+        object.__setattr__(_r, "how_to_get", f"the release's {os.path.basename(_r.path)} under {os.path.dirname(_r.path)}/ "
+                                              f"and its images under {_r.images}/")
+
+
+def ood_names() -> list[str]:
+    """Returns the test-OOD set names of the large benchmarks."""
+    return list(OOD_RELEASES)
+
+
+def _folder_rows(top: str, per_class: int | None) -> list[tuple[str, int]]:
+    rows = []
+    for cls in sorted(d for d in os.listdir(top) if os.path.isdir(os.path.join(top, d)) and not d.startswith(".")):
+        files = sorted(f for f in os.listdir(os.path.join(top, cls))
+                       if f.lower().endswith(data._IMAGE_SUFFIXES) and not f.startswith("."))
+        rows += [(f"{cls}/{f}", -1) for f in files[:per_class]]
+    return rows
+
+
+def load_ood(name: str, data_dir: str | None, cache_dir: str, side: int, max_images: int | None = None,
+             seed: int = 0) -> data.ImageSet:
+    """Returns the large-benchmark OOD set `name` (uint8 [N, side, side, 3], labels -1) under
+    STORE_RULE; with max_images a seeded subset in original order. MissingDataError naming the
+    set and where it was looked for."""
+    if name not in OOD_RELEASES:
+        raise ValueError(f"unknown OOD set '{name}' for the large benchmarks; accepted: {', '.join(ood_names())}")
+    release = OOD_RELEASES[name]
+    where = os.path.join(data_dir, release.path) if data_dir else f"<no --data-dir>/{release.path}"
+    found = os.path.isdir(where) if release.kind == "folder" else os.path.isfile(where)
+    if not found:
+        raise data.MissingDataError(f"OOD set '{name}' ({release.title}) not found; looked in: {where}; "
+                                    f"get {release.how_to_get}")
+    if release.kind == "folder":
+        rows = _folder_rows(where, release.per_class)
+        if not rows:
+            raise data.MissingDataError(f"OOD set '{name}': no images in {where}/<class>/")
+        # The rows are the key's extra, so a changed folder (not a list file) is re-decoded.
+        x, _ = cached_list(where, where, side, cache_dir, f"ood-{name}", rows)
+    else:
+        x, _ = cached_list(where, os.path.join(data_dir, release.images), side, cache_dir, f"ood-{name}")
+    keep = np.arange(len(x))
+    if max_images is not None and max_images < len(x):
+        keep = np.sort(np.random.RandomState(seed).choice(len(x), max_images, replace=False))
+    return data.ImageSet(np.ascontiguousarray(x[keep]), np.full(len(keep), -1, dtype=np.int64), name)
+
+
+# ----------------------------------------------------------------------------- device views
+
+
+def random_resized_crop_flip(x_uint8: torch.Tensor, gen: torch.Generator, size: int,
+                             scale: tuple[float, float] = (0.08, 1.0),
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """Returns float [B, 3, size, size] in [0, 1]: a random resized crop of each uint8 image
+    [B, 3, H, W], flipped with probability 1/2, the whole batch in one `grid_sample`.
+
+    Boxes follow torchvision's RandomResizedCrop: 10 tries of area ~ U(scale)·HW and
+    log-aspect ~ U(log ratio), integer width/height, the first that fits wins, else the whole
+    image (the stored images are square, inside `ratio`). Bilinear sampling, no antialias."""
+    b, _, h, w = x_uint8.shape
+    dev, tries = x_uint8.device, 10
+    area = h * w * (scale[0] + (scale[1] - scale[0]) * torch.rand(b, tries, device=dev, generator=gen))
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(
+        b, tries, device=dev, generator=gen)
+    aspect = torch.exp(log_r)
+    cw = torch.round(torch.sqrt(area * aspect))
+    ch = torch.round(torch.sqrt(area / aspect))
+    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((b,), -1, device=dev))
+    pick = first.clamp(min=0)[:, None]
+    cw = torch.where(first >= 0, cw.gather(1, pick)[:, 0], torch.full((b,), float(w), device=dev))
+    ch = torch.where(first >= 0, ch.gather(1, pick)[:, 0], torch.full((b,), float(h), device=dev))
+    x0 = torch.floor(torch.rand(b, device=dev, generator=gen) * (w - cw + 1))
+    y0 = torch.floor(torch.rand(b, device=dev, generator=gen) * (h - ch + 1))
+    flip = torch.rand(b, device=dev, generator=gen) < 0.5
+    # Affine map from output coords to input coords in [-1, 1] (align_corners=False: the box's
+    # outer pixel edges map to the output's edges); a negative x-scale mirrors the crop.
+    theta = torch.zeros(b, 2, 3, device=dev)
+    theta[:, 0, 0] = torch.where(flip, -cw / w, cw / w)
+    theta[:, 0, 2] = (2 * x0 + cw) / w - 1
+    theta[:, 1, 1] = ch / h
+    theta[:, 1, 2] = (2 * y0 + ch) / h - 1
+    grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
+    return F.grid_sample(x_uint8.float() / 255.0, grid, mode="bilinear", padding_mode="border",
+                         align_corners=False)
+
+
+def resize_center_crop(x_uint8: torch.Tensor, resize: int, size: int) -> torch.Tensor:
+    """Returns float [B, 3, size, size] in [0, 1]: the shorter side resized to `resize`
+    (bilinear, antialiased), then the centre `size` square, as torchvision's
+    Resize(resize) + CenterCrop(size) on float tensors."""
+    x = x_uint8.float() / 255.0
+    h, w = x.shape[-2:]
+    if min(h, w) != resize:
+        new_h, new_w = (resize, int(resize * w / h)) if h <= w else (int(resize * h / w), resize)
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    h, w = x.shape[-2:]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return x[..., top:top + size, left:left + size]
+
+
+@dataclass(frozen=True)
+class View:
+    """The input pipeline of a large-scale set: training and evaluation views, normalised."""
+    size: int
+    min_scale: float = 0.08
+
+    def train(self, x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Returns the normalised training view [B, 3, size, size] of uint8 images."""
+        crops = random_resized_crop_flip(x_uint8, gen, self.size, (self.min_scale, 1.0))
+        return augment.standardize(crops, IMAGENET_MEAN, IMAGENET_STD)
+
+    def eval(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """Returns the normalised evaluation view [B, 3, size, size] of uint8 images."""
+        return augment.standardize(resize_center_crop(x_uint8, eval_resize(self.size), self.size),
+                                   IMAGENET_MEAN, IMAGENET_STD)
+
+    def rules(self) -> tuple[str, str]:
+        """Returns (augment_rule, input_rule) as logged with every trial."""
+        return (TRAIN_VIEW_RULE.format(size=self.size, scale=self.min_scale),
+                EVAL_VIEW_RULE.format(resize=eval_resize(self.size), size=self.size))
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+class StreamedImages:
+    """uint8 images [N, 3, H, W] kept in host memory (pinned when CUDA is there); indexing with
+    a slice or an index tensor returns those rows on `device`, gathered and copied `chunk` rows
+    at a time, so neither the host staging nor the copy ever holds more than one chunk."""
+
+    def __init__(self, x_nhwc: np.ndarray, device: torch.device, chunk: int = 1024):
+        host = torch.from_numpy(np.ascontiguousarray(x_nhwc))
+        self.host = host.pin_memory() if torch.cuda.is_available() else host
+        self.device, self.chunk = torch.device(device), chunk
+        n, h, w, c = x_nhwc.shape
+        self.shape = torch.Size((n, c, h, w))
+        self.dtype = torch.uint8
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        rows = (torch.arange(len(self))[index] if isinstance(index, slice)
+                else torch.as_tensor(index).reshape(-1).cpu())
+        out = torch.empty((len(rows), *self.shape[1:]), dtype=torch.uint8, device=self.device)
+        for start in range(0, len(rows), self.chunk):
+            part = self.host.index_select(0, rows[start:start + self.chunk])       # [b, H, W, 3]
+            if self.device.type == "cuda":
+                part = part.pin_memory()
+            out[start:start + len(part)] = part.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        return out
+
+
+class Placement:
+    """Puts image sets on the device while they fit `budget_gb` (None: all of them), in the
+    order asked; the rest stream from host memory (`StreamedImages`)."""
+
+    def __init__(self, device: torch.device, budget_gb: float | None):
+        self.device, self.budget = device, None if budget_gb is None else budget_gb * 2**30
+        self.used, self.streamed = 0, []
+
+    def place(self, images: data.ImageSet):
+        """Returns the set's images as uint8 [N, 3, H, W]: a device tensor or StreamedImages."""
+        if self.budget is None or self.used + images.x.nbytes <= self.budget:
+            self.used += images.x.nbytes
+            return augment.to_device_images(images.x, self.device)
+        self.streamed.append(images.name)
+        return StreamedImages(images.x, self.device)
