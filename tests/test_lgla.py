@@ -100,6 +100,7 @@ def test_static_margins_k1_is_plain_log_prior():
 def test_default_tau_gla():
     assert lgla.default_tau_gla(10) == 3.0
     assert lgla.default_tau_gla(100) == 2.5
+    assert (lgla.default_tau_gla(1000), lgla.default_tau_gla(365)) == (2.8, 2.4)   # ImageNet-LT, Places-LT
 
 
 # ---- adaptive angular weight -------------------------------------------------------------------

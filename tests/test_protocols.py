@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from search import compare, run
-from trainables import data, engine, metrics, ood_sets, protocols, registry
+from trainables import data, engine, large_lt, metrics, ood_sets, protocols, registry
 
 DATA_DIR = os.environ.get("TAILTUNE_DATA_DIR")
 needs_data = pytest.mark.skipif(
@@ -25,9 +25,15 @@ def test_every_protocol_is_complete_data():
         p = protocols.get(name)
         assert p.headline_fpr in keys and p.resize in ood_sets.RESIZE_RULES and p.source and p.checkpoint
         for dataset in ("cifar10", "cifar100"):
+            if p.large_sets and not p.sets:   # a protocol of the large benchmarks only (oltr)
+                with pytest.raises(ValueError, match=f"protocol '{p.name}' has OOD sets only for"):
+                    p.sets_for(dataset)
+                continue
             for s in p.sets_for(dataset):
                 assert ood_sets.is_release_set(s) or s in data.synthetic_names(), (name, s)
             assert not set(p.sets_for(dataset)) & {f"{dataset}_test", f"scood_{dataset}"}
+        for dataset, sets in p.large_sets:
+            assert large_lt.is_large(dataset) and set(sets) <= set(large_lt.ood_names()), (name, dataset)
 
 
 def test_paper_protocols_follow_the_specs():

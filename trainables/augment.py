@@ -41,6 +41,13 @@ def standardize(x: torch.Tensor, mean: tuple[float, ...] = CIFAR_MEAN,
     return (x - m) / s
 
 
+def standardize_(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Returns x standardised in place ((x - mean) / std, [B, 3, H, W]): no new batch-sized
+    tensors, for the large images' views."""
+    m, s = _mean_std(x.device, x.dtype, mean, std)
+    return x.sub_(m).div_(s)
+
+
 def normalize(x_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Returns (x / 255 - mean) / std as `dtype` [B, 3, H, W] (CIFAR statistics)."""
     return standardize(x_uint8.to(dtype) / 255.0)
