@@ -277,3 +277,22 @@ def test_two_trial_search_end_to_end(tree, tmp_path, tracking_uri):
     for run in trials:
         assert 0 <= run.data.metrics["test_acc"] <= 1 and "test_imagenet_1k_ood_auroc" in run.data.metrics
         assert run.data.params["backbone"] == "resnet18"
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def test_bench_writes_both_pipelines_and_their_ratio(tmp_path, capsys):
+    import importlib.util
+    import json
+    loaded = importlib.util.spec_from_file_location("bench_large_lt", os.path.join(REPO, "bench", "large_lt.py"))
+    bench = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--device", "cpu", "--images", "8", "--width", "60", "--height", "48", "--size", "32",
+                       "--store-side", "40", "--batch", "4", "--workers", "0", "--repeats", "1",
+                       "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["ratio_ours_over_conventional"] == pytest.approx(
+        result["ours_images_per_s"] / result["conventional_images_per_s"])
+    assert "ratio ours/conventional" in capsys.readouterr().out
