@@ -243,6 +243,20 @@ def test_ood_release_formats(tree, tmp_path):
         protocols.get("rna").sets_for("places-lt")
 
 
+@pytest.mark.parametrize("method", ["darl", "ricasso", "oe"])
+def test_large_scale_methods_train_an_epoch(tree, tmp_path, method):
+    """LGLA's ResNet experts (darl, ricasso: 512-d features here) and outliers (oe) on the large views."""
+    cls = registry.get(method)
+    # 16-px views and MSP (no ODIN input gradients): a CPU shared with other jobs stays quick.
+    cfg = cls.config_cls.from_dict(dict(
+        dataset="imagenet-lt", image_store_side=SIDE, image_size=16, ood_score="msp", backbone="resnet18", data_dir=tree,
+        cache_dir=str(tmp_path), download=False, val_per_class=1, epochs=1, batch_size=6, eval_batch_size=8,
+        val_ood=("rademacher",), val_ood_size=8, warmup_epochs=0, lr=0.001, outlier_set="gaussian",
+        outlier_max_images=12))
+    out = engine.fit(cls, cfg, engine.LocalReporter(str(tmp_path / "run")))
+    assert np.isfinite(out["train_loss"]) and 0 <= out["test_acc"] <= 1 and 0 <= out["test_auroc"] <= 1
+
+
 def test_method_without_large_setup_is_refused():
     cfg = registry.get("rna").config_cls.from_dict({"dataset": "imagenet-lt"})
     with pytest.raises(ValueError, match="method rna has no large-scale setup"):

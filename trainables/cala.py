@@ -316,6 +316,7 @@ class MetaMethod(CalaMethod):
 
     config_cls = MetaConfig
     name = "cala_meta"
+    large_scale = False   # its meta set is held out of CIFAR's training split; none of the split lists
     compilable = False   # the meta step differentiates through `functional_call` on the model
     summary = ("Meta-CALA: CALA's adjustment from a meta-learned network on a balanced meta set, "
                "ResNet-32, energy score")

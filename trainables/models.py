@@ -317,6 +317,7 @@ class RNAResNet18(nn.Module):
 # ----------------------------------------------------------------------------- ImageNet-size
 
 TORCHVISION_RESNETS = ("resnet18", "resnet50", "resnet152")
+FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048, "resnet152": 2048}   # GAP width of each
 
 
 def _torchvision_resnet(arch: str, pretrained: str | None) -> nn.Module:

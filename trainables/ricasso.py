@@ -214,8 +214,10 @@ class Method(darl.Method):
         self.uses_balanced_stream = (cfg.use_mix_in_cls or cfg.use_hat_stream or cfg.use_cbcl
                                      or cfg.use_rcl)
         k = cfg.num_experts
-        self.centers = nn.Parameter(torch.randn(k, self.num_classes, FEATURE_DIM, device=device))
-        self.rcl_heads = ConsistencyHeads(k * FEATURE_DIM, cfg.rcl_proj_dim).to(device)
+        arch = self.backbone_name()   # ImageNet-LT: LGLA's ResNet-50 experts, 2048-d each
+        d = FEATURE_DIM if arch is None else models.FEATURE_DIMS[arch]
+        self.centers = nn.Parameter(torch.randn(k, self.num_classes, d, device=device))
+        self.rcl_heads = ConsistencyHeads(k * d, cfg.rcl_proj_dim).to(device)
         self.train_images: torch.Tensor | None = None
         self.train_labels: torch.Tensor | None = None
         self.hat_weights: torch.Tensor | None = None
