@@ -291,6 +291,15 @@ def test_two_trial_search_end_to_end(tree, tmp_path, tracking_uri):
     for run in trials:
         assert 0 <= run.data.metrics["test_acc"] <= 1 and "test_imagenet_1k_ood_auroc" in run.data.metrics
         assert run.data.params["backbone"] == "resnet18"
+    # The registered champion takes the stored squares.
+    import mlflow
+    mlflow.set_tracking_uri(tracking_uri)
+    champion = mlflow.pyfunc.load_model("models:/ce-imagenet-lt@champion")
+    images = data.load_id_data(spec(), tree, str(tmp_path / "cache"), download=False).test.x[:3]
+    rows = champion.predict(images)
+    assert len(rows) == 3 and set(rows["label"]) <= {"n00000", "n01000", "n02000", "n03000"}
+    with pytest.raises(Exception, match=rf"\(-1, {SIDE}, {SIDE}, 3\)"):   # the logged signature's shape
+        champion.predict(np.zeros((1, 32, 32, 3), dtype=np.uint8))
 
 
 # ----------------------------------------------------------------------------- benchmark

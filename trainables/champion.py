@@ -1,7 +1,8 @@
 """The registered model: a pyfunc that scores uint8 images with the method's own test-time rule.
 
 `mlflow.pyfunc.load_model("models:/darl-cifar10-lt-ir100@champion").predict(images)` with
-images uint8 [N, 32, 32, 3] returns one row per image: `label`, `label_index`, `confidence`
+images uint8 [N, 32, 32, 3] (ImageNet-LT / Places-LT: [N, S, S, 3] at the stored side S) returns one
+row per image: `label`, `label_index`, `confidence`
 (softmax probability of the label), `ood_score` (higher = more likely OOD: the negated test-time
 confidence) and `is_ood` (at the threshold that keeps 95% of validation ID images).
 """
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from trainables import augment, engine, registry
+from trainables import augment, engine, large_lt, registry
 
 
 class Champion(mlflow.pyfunc.PythonModel):
@@ -28,6 +29,9 @@ class Champion(mlflow.pyfunc.PythonModel):
         method_cls = registry.get(meta["method"])
         self.cfg = method_cls.config_cls.from_dict(meta["config"])
         self.cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.cfg.pretrained = None   # the checkpoint holds every weight; the file need not be here
+        # The images the model takes: 32x32 CIFAR, or a large set's stored squares.
+        self.side = self.cfg.image_store_side if large_lt.is_large(self.cfg.dataset) else 32
         self.device = torch.device(self.cfg.device)
         self.method = method_cls(self.cfg, meta["counts"], self.device)
         self.model = self.method.build_model().to(self.device)
@@ -43,9 +47,9 @@ class Champion(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         images = np.asarray(model_input)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
-            raise ValueError(f"expected uint8 images of shape (N, 32, 32, 3), got {images.dtype} "
-                             f"{images.shape}")
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (self.side, self.side, 3):
+            raise ValueError(f"expected uint8 images of shape (N, {self.side}, {self.side}, 3), got "
+                             f"{images.dtype} {images.shape}")
         x = augment.to_device_images(images, self.device)
         logits, conf = engine.infer(self.method, self.model, x, self.cfg.eval_batch_size,
                                     with_logits=True)
