@@ -218,6 +218,9 @@ def build_plan(args: argparse.Namespace) -> dict:
         raise UsageError(f"unknown sampler {args.sampler!r}; expected one of: {', '.join(SAMPLERS)}")
     if args.dataset not in DATASETS:
         raise UsageError(f"unknown dataset {args.dataset!r}; expected one of: {', '.join(DATASETS)}")
+    if args.dataset in LARGE_DATASETS and not method_cls.large_scale:
+        raise UsageError(f"--dataset {args.dataset}: method {args.method} has no large-scale setup (its network "
+                         f"and views are CIFAR's); expected cifar10 or cifar100")
     if args.imbalance_ratio not in (10, 50, 100):
         raise UsageError(f"--imbalance-ratio {args.imbalance_ratio:g}: expected 10, 50 or 100")
     preset = PRESETS[args.preset]

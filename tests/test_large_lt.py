@@ -261,6 +261,12 @@ def test_method_without_large_setup_is_refused():
     cfg = registry.get("rna").config_cls.from_dict({"dataset": "imagenet-lt"})
     with pytest.raises(ValueError, match="method rna has no large-scale setup"):
         registry.get("rna")(cfg, [3, 2], "cpu")
+    from search import run
+    with pytest.raises(run.UsageError, match="--dataset places-lt: method pascl has no large-scale setup"):
+        run.build_plan(run.parse_args(["pascl", "--dataset", "places-lt"]))
+    with pytest.raises(run.UsageError, match="protocol 'rna' has no OOD sets for dataset places-lt; accepted "
+                                             "for places-lt: open_sampling, cala, oltr, offline"):
+        run.build_plan(run.parse_args(["ce", "--dataset", "places-lt", "--protocol", "rna"]))
 
 
 # ----------------------------------------------------------------------------- search end to end
