@@ -332,10 +332,6 @@ OOD_RELEASES: dict[str, OodRelease] = {r.name: r for r in (
     OodRelease("imagenet_lt_open", "ImageNet-LT open set (OLTR's ImageNet_LT_open.txt)", "list",
                "ImageNet_LT/ImageNet_LT_open.txt", "ImageNet_LT"),
 )}
-for _r in OOD_RELEASES.values():
-    if _r.kind == "list" and not _r.how_to_get:
-        object.__setattr__(_r, "how_to_get", f"the release's {os.path.basename(_r.path)} under {os.path.dirname(_r.path)}/ "
-                                              f"and its images under {_r.images}/")
 
 
 def ood_names() -> list[str]:
@@ -363,8 +359,9 @@ def load_ood(name: str, data_dir: str | None, cache_dir: str, side: int, max_ima
     where = os.path.join(data_dir, release.path) if data_dir else f"<no --data-dir>/{release.path}"
     found = os.path.isdir(where) if release.kind == "folder" else os.path.isfile(where)
     if not found:
-        raise data.MissingDataError(f"OOD set '{name}' ({release.title}) not found; looked in: {where}; "
-                                    f"get {release.how_to_get}")
+        how = release.how_to_get or (f"the release's {os.path.basename(release.path)} under "
+                                     f"{os.path.dirname(release.path)}/ and its images under {release.images}/")
+        raise data.MissingDataError(f"OOD set '{name}' ({release.title}) not found; looked in: {where}; get {how}")
     if release.kind == "folder":
         rows = _folder_rows(where, release.per_class)
         if not rows:
