@@ -249,8 +249,7 @@ def _fused_add(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor) -> torch.T
 def sharpen(x: torch.Tensor, one_minus: torch.Tensor) -> torch.Tensor:
     """Returns torchvision's adjust_sharpness per row: the interior blended with a 3x3 blur
     (weights 1/13, centre 5/13, rounded) by 1 - factor; the border rows and columns kept."""
-    a, b = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=x.device).expand(x.shape[-3], 1, 3, 3)
+    kernel = _blur_kernel(x.device).expand(x.shape[-3], 1, 3, 3)
     out = x.float()
     blurred = nnf.conv2d(out, kernel, groups=x.shape[-3]).round_()
     inner = out[..., 1:-1, 1:-1]
@@ -263,14 +262,28 @@ def warp(x: torch.Tensor, theta: torch.Tensor, fill: int) -> torch.Tensor:
     [B, 2, 3] in torchvision's pixel convention; pixels from outside the image get `fill`."""
     b, c, h, w = x.shape
     dev = x.device
-    base = torch.empty(1, h, w, 3, device=dev)
-    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev))
-    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).unsqueeze_(-1))
-    base[..., 2].fill_(1)
-    scaled = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], device=dev)
-    grid = base.view(1, h * w, 3).expand(b, -1, -1).bmm(scaled).view(b, h, w, 2)
+    base, half_size = _pixel_grid(dev, h, w)
+    grid = base.expand(b, -1, -1).bmm(theta.transpose(1, 2) / half_size).view(b, h, w, 2)
     img = torch.cat([x.float(), torch.ones(b, 1, h, w, device=dev)], dim=1)
     img = nnf.grid_sample(img, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     img, inside = img[:, :c], img[:, c:]
     img = torch.where(inside < 0.5, torch.full_like(img, float(fill)), img)
     return img.round_().to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _blur_kernel(device: torch.device) -> torch.Tensor:
+    """Returns torchvision's sharpness blur [1, 1, 3, 3]: 1/13 around a centre of 5/13."""
+    a, b = 1.0 / 13.0, 5.0 / 13.0
+    return torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=device).view(1, 1, 3, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _pixel_grid(device: torch.device, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (pixel centres as homogeneous (x, y, 1) rows [1, H·W, 3] about the image centre,
+    the half size (w/2, h/2) that maps them to grid_sample's [-1, 1]), torchvision's convention."""
+    base = torch.empty(1, h, w, 3, device=device)
+    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=device))
+    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=device).unsqueeze_(-1))
+    base[..., 2].fill_(1)
+    return base.view(1, h * w, 3), torch.tensor([0.5 * w, 0.5 * h], device=device)
