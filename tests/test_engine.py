@@ -10,7 +10,7 @@ import torch
 
 from trainables import engine, registry
 from trainables.baselines import OeConfig, OutlierExposure
-from trainables.config import TrainConfig
+from trainables.config import REPRODUCTION_PRECISION, TrainConfig
 
 
 def test_cosine_schedule_after_warmup():
@@ -53,6 +53,9 @@ def test_speed_settings_resolve_per_device():
     forced = TrainConfig(precision="fp32", channels_last=False, fused_optimizer=False, compile="default")
     assert forced.speed("cuda") == {"precision": "fp32", "channels_last": False, "fused_optimizer": False,
                                     "compile": "default"}
+    # A reproduction forces fp32 on a GPU; bf16 is there only when asked for.
+    assert TrainConfig(precision=REPRODUCTION_PRECISION).speed("cuda")["precision"] == "fp32"
+    assert TrainConfig(precision="bf16").speed("cpu")["precision"] == "bf16"
 
 
 @pytest.fixture(scope="module")
