@@ -66,6 +66,14 @@ def test_drawn_batch_matches_torchvision_and_both_paths_agree(images):
     assert torch.equal(aa.apply(images, draws, gather=False), expected)
 
 
+def test_bf16_autocast_around_it_changes_nothing(images):
+    """RICASSO transforms its re-drawn stream inside the trial's autocast."""
+    draws = aa.draw(len(images), torch.Generator().manual_seed(5), torch.device("cpu"))
+    plain = aa.apply(images, draws, gather=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(aa.apply(images, draws, gather=False), plain)
+
+
 def test_a_slot_that_is_off_leaves_the_image_alone(images):
     b = len(images)
     draws = aa.Draws(torch.arange(b) % 25, torch.zeros(b, 2, dtype=torch.bool), torch.zeros(b, 2, dtype=torch.bool))

@@ -183,6 +183,13 @@ def apply(x: torch.Tensor, draws: Draws, fill: int = LGLA_FILL, gather: bool | N
     sync: for accelerators). Both give the same images; None picks by the device.
     """
     gather = x.device.type == "cpu" if gather is None else gather
+    # A method may transform inside the trial's bf16 autocast (RICASSO's re-drawn stream); the
+    # sampling grid and the blur must stay fp32 to land on torchvision's pixels.
+    with torch.autocast(x.device.type, enabled=False):
+        return _apply(x, draws, fill, gather)
+
+
+def _apply(x: torch.Tensor, draws: Draws, fill: int, gather: bool) -> torch.Tensor:
     t = tables(x.device, *x.shape[-2:])
     for slot in range(2):
         index = (draws.policy, slot, draws.negate[:, slot].long())
