@@ -58,8 +58,6 @@ CIFAR10_POLICY = (
     (("TranslateY", 0.7, 9), ("AutoContrast", 0.9, None)),
 )
 LGLA_FILL = 128   # the grey of LGLA's CIFAR10Policy (PIL fillcolor (128, 128, 128))
-RULE = ("AutoAugment CIFAR10Policy per image (torchvision's 25 sub-policies, nearest, fill 128), "
-        "after crop and flip, before cutout")
 
 
 def magnitude(op: str, bin_: int | None, height: int = 32, width: int = 32) -> float:

@@ -83,7 +83,7 @@ class CalaConfig(TrainConfig):
         filled = {name: value for name, value in values.items() if getattr(self, name) is None}
         for name, value in filled.items():
             setattr(self, name, value)
-        if filled:
+        if filled and isinstance(self.dataset_defaults, (str, type(None))):   # else validate refuses it
             self.dataset_defaults = f"{self.dataset}: " + ", ".join(f"{k}={v}" for k, v in filled.items())
         super().__post_init__()
 
