@@ -196,16 +196,19 @@ def _apply(x: torch.Tensor, draws: Draws, fill: int, gather: bool) -> torch.Tens
                   "bits_mask": _per_row(t.bits_mask[draws.policy, slot]),
                   "threshold": _per_row(t.threshold[draws.policy, slot])}
         op = torch.where(draws.on[:, slot], t.op[draws.policy, slot], -1)   # -1: slot not applied
-        out = x.clone() if gather else x
-        for chosen, fn in _STEPS:
-            rows = chosen(op)
-            if gather:
-                idx = rows.nonzero().squeeze(1)
+        if gather:
+            out = x.clone()
+            for chosen, fn in _STEPS:
+                idx = chosen(op).nonzero().squeeze(1)
                 if len(idx):
                     out[idx] = fn(x[idx], {k: v[idx] for k, v in params.items()}, fill)
-            else:
-                out = torch.where(_per_row(rows), fn(x, params, fill), out)
-        x = out
+            x = out
+        else:
+            # Every step on every row, then each row picks its own: candidate 0 is the row as it
+            # was, 1 the geometric warp, 2.. the other ops in OPS order (as _STEPS lists them).
+            candidates = torch.stack([x, *(fn(x, params, fill) for _, fn in _STEPS)])
+            pick = torch.where(op < 0, 0, torch.where(op < len(GEOMETRIC), 1, op - len(GEOMETRIC) + 2))
+            x = candidates[pick, torch.arange(len(x), device=x.device)]
     return x
 
 
@@ -217,7 +220,8 @@ def _is(name: str):
     return lambda op: op == OPS.index(name)
 
 
-# (which rows, what they get): each op on uint8 images [n, 3, H, W] with per-row parameters.
+# (which rows, what they get): each op on uint8 images [n, 3, H, W] with per-row parameters,
+# the geometric ops first, then the others in OPS order (`_apply` relies on that order).
 _STEPS = (
     (lambda op: (op >= 0) & (op < len(GEOMETRIC)), lambda x, p, fill: warp(x, p["theta"], fill)),
     (_is("Brightness"), lambda x, p, fill: x.float().mul(p["ratio"]).clamp_(0, 255).to(x.dtype)),
