@@ -6,7 +6,8 @@
 
 reference: the loop the papers' code runs. A Dataset over the same long-tailed uint8 images that
     makes a PIL image per item (as torchvision's CIFAR10 does), torchvision transforms per image
-    (crop, flip, ToTensor, cutout, Normalize), a shuffled LT DataLoader and a class-balanced one
+    (crop, flip, AutoAugment CIFAR10 policy when the config has autoaugment on, as DARL does by
+    default, ToTensor, cutout, Normalize), a shuffled LT DataLoader and a class-balanced one
     (WeightedRandomSampler, weights 1/n_y) with worker processes, batches moved to the device,
     float32 eager model, `loss.item()` logged every step.
 ours: `engine.Trial(darl.Method, cfg, prepared).train_epoch()`: images already on the device,
@@ -94,11 +95,14 @@ class LongTailImages(Dataset):
 
 
 def reference_loaders(train: data.ImageSet, batch_size: int, workers: int, pin: bool,
-                      seed: int) -> tuple[DataLoader, DataLoader]:
-    """Returns (long-tailed loader, class-balanced loader), each with `workers` processes."""
+                      seed: int, autoaugment: bool = False) -> tuple[DataLoader, DataLoader]:
+    """Returns (long-tailed loader, class-balanced loader), each with `workers` processes; with
+    `autoaugment`, torchvision's AutoAugment CIFAR10 policy (fill 128) after the flip, as LGLA."""
+    policy = ([transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10, fill=[128, 128, 128])]
+              if autoaugment else [])
     transform = transforms.Compose([
-        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        Cutout(16), transforms.Normalize(augment.CIFAR_MEAN, augment.CIFAR_STD)])
+        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), *policy,
+        transforms.ToTensor(), Cutout(16), transforms.Normalize(augment.CIFAR_MEAN, augment.CIFAR_STD)])
     dataset = LongTailImages(train.x, train.y, transform)
     counts = np.bincount(train.y)
     sampler = WeightedRandomSampler(torch.as_tensor(1.0 / counts[train.y], dtype=torch.double),
@@ -121,7 +125,7 @@ def reference_side(cfg: darl.DarlConfig, prepared: engine.Prepared, initial: dic
     model.load_state_dict(initial)
     optimizer = method.build_optimizer(model)
     lt_loader, balanced_loader = reference_loaders(prepared.id.train, cfg.batch_size, workers,
-                                                   dev.type == "cuda", cfg.seed)
+                                                   dev.type == "cuda", cfg.seed, cfg.autoaugment)
 
     def epoch(index: int) -> None:
         rng = np.random.RandomState((cfg.seed * 100_003 + index) % 2**32)

@@ -313,3 +313,74 @@ def test_meta_holdout_is_balanced_and_disjoint():
     assert not (set(meta) & set(train)) and not (set(meta) & set(val)) and not (set(val) & set(train))
     _, val_without_meta, _ = data._holdout_and_subsample(y, counts, 50, 0, 0)
     assert np.array_equal(val, val_without_meta)
+
+
+# -- per-dataset defaults, the class-count floor, the fp32 meta step -----------------------------
+def test_cifar100_takes_the_specs_k_and_meta_set_and_says_so():
+    heuristic = HeuristicConfig(dataset="cifar100")
+    assert heuristic.knn_k == 80 and heuristic.dataset_defaults == "cifar100: knn_k=80"
+    meta = MetaConfig(dataset="cifar100")
+    assert (meta.knn_k, meta.meta_per_class) == (80, 30)          # K = 80, M = 3,000 = 30 x 100
+    assert meta.dataset_defaults == "cifar100: knn_k=80, meta_per_class=30"
+    assert (MetaConfig().knn_k, MetaConfig().meta_per_class) == (40, 300)   # CIFAR-10 unchanged
+    assert MetaConfig().dataset_defaults == "cifar10: knn_k=40, meta_per_class=300"
+    # An explicit value wins and is not reported as a default; the record survives a round trip.
+    given = MetaConfig(dataset="cifar100", knn_k=20)
+    assert (given.knn_k, given.meta_per_class, given.dataset_defaults) == (20, 30, "cifar100: meta_per_class=30")
+    again = MetaConfig.from_dict(given.to_dict())
+    assert again.to_dict() == given.to_dict() and again.to_dict()["dataset_defaults"] == given.dataset_defaults
+    # The paper's 5-image tail needs n_max = 500 (nothing held out); validation's 50 leave 4, and
+    # the 30-image meta set keeps it there.
+    assert data.lt_counts(100, 500, 100)[-1] == 5
+    assert data.lt_counts(100, 500 - 50 - 30, 100)[-1] == data.lt_counts(100, 500 - 50, 100)[-1] == 4
+
+
+@pytest.mark.parametrize("method_cls, cfg_cls", [(HeuristicMethod, HeuristicConfig), (MetaMethod, MetaConfig)])
+def test_a_class_left_with_under_two_images_is_a_one_line_error(method_cls, cfg_cls):
+    cfg = cfg_cls(n_max=100, meta_per_class=2) if cfg_cls is MetaConfig else cfg_cls(n_max=100)
+    with pytest.raises(ValueError) as info:
+        method_cls(cfg, [100, 21, 4, 1], CPU)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith("class 3 has 1 training image(s)") and "accepted: " in message
+    assert "imbalance_ratio=100" in message and "n_max=100" in message
+    method_cls(cfg, [100, 21, 4, 2], CPU)   # two is enough
+
+
+def test_meta_step_runs_in_fp32_under_bf16_autocast(monkeypatch):
+    """The trial's bf16 autocast covers the real forward; the virtual step, its second-order
+    gradient and the meta forward run in fp32, and land where an fp32 trial's do."""
+    import trainables.cala as cala
+    calls = []
+    real_call, real_grad = cala.functional_call, torch.autograd.grad
+
+    def spy_call(module, tensors, args):
+        out = real_call(module, tensors, args)
+        calls.append(("forward", torch.is_autocast_enabled("cpu"), out[0].dtype))
+        return out
+
+    def spy_grad(outputs, inputs, **kw):
+        grads = real_grad(outputs, inputs, **kw)
+        calls.append(("grad", torch.is_autocast_enabled("cpu"), outputs.dtype,
+                      {g.dtype for g in grads if g is not None}))
+        return grads
+
+    monkeypatch.setattr(cala, "functional_call", spy_call)
+    monkeypatch.setattr(torch.autograd, "grad", spy_grad)
+    results = {}
+    for precision in ("bf16", "fp32"):
+        calls.clear()
+        method, model, batch = meta_setup()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            real_logits = model(batch.x)[0]
+            _, stats = method.loss(model, batch, np.random.RandomState(0))
+        assert real_logits.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        # bf16: an fp32 recompute of f_W(x), then the meta forward on Ŵ; fp32 reuses f_W(x).
+        forwards = [c for c in calls if c[0] == "forward"]
+        assert len(forwards) == (2 if precision == "bf16" else 1)
+        assert all(not on and dtype == torch.float32 for _, on, dtype in forwards)
+        assert [c[1:] for c in calls if c[0] == "grad"] == [(False, torch.float32, {torch.float32})]
+        results[precision] = (float(stats["meta_loss"]), [p.detach().clone() for p in method.meta_net.parameters()])
+    assert results["bf16"][0] == pytest.approx(results["fp32"][0], rel=1e-4)
+    for p, q in zip(results["bf16"][1], results["fp32"][1]):
+        assert torch.allclose(p, q, atol=2e-3)   # Adam's first step is ±lr (1e-3) per weight

@@ -10,7 +10,7 @@ import torch
 
 from trainables import engine, registry
 from trainables.baselines import OeConfig, OutlierExposure
-from trainables.config import TrainConfig
+from trainables.config import REPRODUCTION_PRECISION, TrainConfig
 
 
 def test_cosine_schedule_after_warmup():
@@ -53,6 +53,9 @@ def test_speed_settings_resolve_per_device():
     forced = TrainConfig(precision="fp32", channels_last=False, fused_optimizer=False, compile="default")
     assert forced.speed("cuda") == {"precision": "fp32", "channels_last": False, "fused_optimizer": False,
                                     "compile": "default"}
+    # A reproduction forces fp32 on a GPU; bf16 is there only when asked for.
+    assert TrainConfig(precision=REPRODUCTION_PRECISION).speed("cuda")["precision"] == "fp32"
+    assert TrainConfig(precision="bf16").speed("cpu")["precision"] == "bf16"
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +134,8 @@ def test_compiled_training_forward_is_captured_and_matches_eager(tiny_oe, monkey
 
 def test_compile_is_refused_for_a_method_that_cannot_take_it(data_dir, cache_dir):
     from trainables.cala import MetaConfig, MetaMethod
-    cfg = MetaConfig(data_dir=data_dir, cache_dir=cache_dir, download=False, n_max=100, val_per_class=2,
-                     test_per_class=2, ood_max_images=20, val_ood_size=20, test_ood=("mnist",),
+    cfg = MetaConfig(data_dir=data_dir, cache_dir=cache_dir, download=False, n_max=100, imbalance_ratio=10,
+                     val_per_class=2, test_per_class=2, ood_max_images=20, val_ood_size=20, test_ood=("mnist",),
                      meta_per_class=2, device="cpu", compile="default")
     with pytest.raises(ValueError, match="compile='default': method cala_meta does not support"):
         engine.Trial(MetaMethod, cfg, engine.prepare(cfg, MetaMethod.uses_outliers))
@@ -172,7 +175,8 @@ def test_prepare_shared_loads_once_per_data_build(tiny_oe):
 @pytest.fixture(scope="module")
 def tiny_all(data_dir, cache_dir):
     """The smallest real build with outliers and a meta set, usable by every method."""
-    values = dict(data_dir=data_dir, cache_dir=cache_dir, download=False, n_max=10, imbalance_ratio=10,
+    # IR 5: the tail keeps 2 images, the fewest CALA accepts.
+    values = dict(data_dir=data_dir, cache_dir=cache_dir, download=False, n_max=10, imbalance_ratio=5,
                   val_per_class=2, test_per_class=2, ood_max_images=20, val_ood_size=20,
                   test_ood=("mnist",), batch_size=16, outlier_max_images=64, meta_per_class=2,
                   epochs=2, warmup_epochs=0, device="cpu")

@@ -17,6 +17,10 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 AUGMENT_RULE = ("random crop 32 with 4-px zero padding, horizontal flip p=0.5, cutout 1x16 px; "
                 "LGLA's AutoAugment CIFAR10Policy is not applied")
+# LGLA's CIFAR loader (DARL, RICASSO): crop, flip, AutoAugment, then cutout (trainables.autoaugment).
+LGLA_RULE = ("random crop 32 with 4-px zero padding, horizontal flip p=0.5, AutoAugment CIFAR10Policy "
+             "per image if autoaugment=true (torchvision's 25 sub-policies, nearest, fill 128), "
+             "cutout 1x16 px")
 CROP_FLIP_RULE = "random crop 32 with 4-px zero padding, horizontal flip p=0.5; no cutout"
 
 
@@ -68,13 +72,21 @@ def crop_flip_cutout(x: torch.Tensor, gen: torch.Generator, padding: int = 4,
     batch = torch.arange(b, device=dev)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
     if cutout:
-        cy = torch.randint(0, h, (b, 1, 1), device=dev, generator=gen)
-        cx = torch.randint(0, w, (b, 1, 1), device=dev, generator=gen)
-        ys = torch.arange(h, device=dev)[None, :, None]
-        xs = torch.arange(w, device=dev)[None, None, :]
-        hole = ((ys - cy).abs() * 2 < cutout) & ((xs - cx).abs() * 2 < cutout)  # clipped at borders
-        out = out * (~hole)[:, None].to(out.dtype)
+        out = cut_out(out, gen, cutout)
     return out.contiguous()
+
+
+def cut_out(x: torch.Tensor, gen: torch.Generator, length: int = 16) -> torch.Tensor:
+    """Returns images [B, C, H, W] with one length x length hole per row zeroed, its centre
+    uniform over the image and the hole clipped at the borders (DeVries & Taylor's Cutout)."""
+    b, _, h, w = x.shape
+    dev = x.device
+    cy = torch.randint(0, h, (b, 1, 1), device=dev, generator=gen)
+    cx = torch.randint(0, w, (b, 1, 1), device=dev, generator=gen)
+    ys = torch.arange(h, device=dev)[None, :, None]
+    xs = torch.arange(w, device=dev)[None, None, :]
+    hole = ((ys - cy).abs() * 2 < length) & ((xs - cx).abs() * 2 < length)
+    return x * (~hole)[:, None].to(x.dtype)
 
 
 def mixup(xa: torch.Tensor, xb: torch.Tensor, qa: torch.Tensor, qb: torch.Tensor,

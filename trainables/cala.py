@@ -20,7 +20,10 @@ Deviation (Meta-CALA): the paper balances its meta set over classes and attribut
 clusters per class, on pre-trained ResNet-50 features). No pre-trained network is available
 offline, so our meta set is class-balanced only: meta_per_class random images per class, held
 out by the engine after validation and before the long-tailed subsampling (as the released code
-holds out its meta set). For CIFAR-100 set meta_per_class=30 (3,000 images).
+holds out its meta set). M = 3,000 on either CIFAR (meta_per_class 300 / 30, each data set's
+default). On CIFAR-100-LT at ρ = 100 the paper's tail class has 5 images, which needs n_max = 500,
+i.e. nothing held out: the 50 validation images a class already leave 4, and a meta set of up to
+50 a class keeps it at 4. A split that leaves any class under 2 images is refused.
 
 Run one trial without Ray:  python -m trainables cala --epochs 2 --data-dir DATA_DIR
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 import collections
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from trainables import augment, losses
-from trainables.config import FLAG, TrainConfig, integer, number, one_of, positive
+from trainables.config import FLAG, Accepts, TrainConfig, integer, number, one_of, positive
 from trainables.method import Batch, Method, TrainData
 
 V_MODES = ("log", "l2_ratio")
@@ -48,10 +52,14 @@ NUM_BASE_CHARACTERISTICS = 21   # ζ1..ζ21 of Table A-1; ζ22..ζ42 are their c
 @dataclass
 class CalaConfig(TrainConfig):
     """Fields both variants share. Defaults: the paper's CIFAR-10-LT (ρ = 100) recipe, which
-    follows LDAM-DRW: SGD 0.9, lr 0.1, 5-epoch warm-up, ×0.01 at 160 and again at 180 of 200."""
+    follows LDAM-DRW: SGD 0.9, lr 0.1, 5-epoch warm-up, ×0.01 at 160 and again at 180 of 200.
+
+    A field listed in DATASET_DEFAULTS and left None takes its data set's value (an explicit value
+    wins); `dataset_defaults` then records which fields did, and is logged with the config."""
     tau1: float = 1.5                # τ1, weight of u(y) = log p_tr(y); the paper uses 1.0 at ρ ≤ 10
     tau2: float = 1.0                # τ2, weight of v(x, y)
-    knn_k: int = 40                  # K, neighbourhood size (40 for CIFAR-10-LT, 80 for CIFAR-100-LT)
+    knn_k: int | None = None         # K, neighbourhood size; None -> 40 (CIFAR-10-LT) / 80 (CIFAR-100-LT)
+    dataset_defaults: str | None = None   # e.g. "cifar100: knn_k=80", set when built
     epochs: int = 200
     batch_size: int = 128
     lr: float = 0.1
@@ -63,7 +71,21 @@ class CalaConfig(TrainConfig):
     # lr_at multiplies by 0.1 per entry reached, so two entries per epoch give ×0.01 at 160 and 180.
     lr_milestones: tuple[float, ...] = (0.8, 0.8, 0.9, 0.9)
     ood_score: str = "energy"        # CALA has no OOD score of its own: a post-hoc one on raw logits
-    ACCEPTS = {"tau1": number(0), "tau2": number(0), "knn_k": integer(1)}
+    ACCEPTS = {"tau1": number(0), "tau2": number(0), "knn_k": integer(1, none=True),
+               "dataset_defaults": Accepts("text", none=True)}
+    # The spec's per-data-set values (cala.md §2 and Fig. A-2: K = 40 on CIFAR-10-LT, 80 on
+    # CIFAR-100-LT); τ1, τ2 and the schedule are the same on both.
+    DATASET_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {"cifar10": {"knn_k": 40},
+                                                             "cifar100": {"knn_k": 80}}
+
+    def __post_init__(self) -> None:
+        values = self.DATASET_DEFAULTS.get(self.dataset, {}) if isinstance(self.dataset, str) else {}
+        filled = {name: value for name, value in values.items() if getattr(self, name) is None}
+        for name, value in filled.items():
+            setattr(self, name, value)
+        if filled and isinstance(self.dataset_defaults, (str, type(None))):   # else validate refuses it
+            self.dataset_defaults = f"{self.dataset}: " + ", ".join(f"{k}={v}" for k, v in filled.items())
+        super().__post_init__()
 
 
 @dataclass
@@ -83,14 +105,17 @@ class HeuristicConfig(CalaConfig):
 
 @dataclass
 class MetaConfig(CalaConfig):
-    meta_per_class: int = 300        # M = 3,000 meta images for CIFAR-10 (paper; code 1,000)
+    meta_per_class: int | None = None  # None -> 300 (CIFAR-10) / 30 (CIFAR-100): M = 3,000 (paper; code 1,000)
     meta_batch_size: int = 100       # m (released code)
     meta_lr: float = 1e-3            # η2, Adam (paper; code 1e-2)
     meta_weight_decay: float = 0.0   # Adam's L2 on Ω (code 5e-4)
     meta_interval: int = 1           # steps between meta updates (Alg. A-2: every step; code 20)
     meta_hidden: int = 200           # width of the adjustment MLP (code)
     meta_out: str = "per_class"      # "per_class": δ ∈ R^C | "gt_scalar": δ = s·onehot(y)
-    ACCEPTS = {"meta_per_class": integer(0), "meta_batch_size": integer(1), "meta_lr": positive(),
+    # M = 3,000 on CIFAR-LT (spec §3.7.1): 300 a class on CIFAR-10, 30 on CIFAR-100.
+    DATASET_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "cifar10": {"knn_k": 40, "meta_per_class": 300}, "cifar100": {"knn_k": 80, "meta_per_class": 30}}
+    ACCEPTS = {"meta_per_class": integer(0, none=True), "meta_batch_size": integer(1), "meta_lr": positive(),
                "meta_weight_decay": number(0), "meta_interval": integer(1), "meta_hidden": integer(1),
                "meta_out": one_of(*META_OUTS)}
 
@@ -182,6 +207,21 @@ class NeighbourBank:
         return q[idx].mean(1), y_soft[idx].mean(1)
 
 
+MIN_TRAIN_PER_CLASS = 2   # spec: no hold-out may leave a class (or cell) with fewer than 2 images
+
+
+def check_counts(counts: list[int], cfg: CalaConfig) -> None:
+    """Raises ValueError, one line, naming the first class with fewer than MIN_TRAIN_PER_CLASS
+    training images after the validation and meta hold-outs."""
+    for c, n in enumerate(counts):
+        if n < MIN_TRAIN_PER_CLASS:
+            raise ValueError(
+                f"class {c} has {n} training image(s) after holding out val_per_class={cfg.val_per_class} "
+                f"+ meta_per_class={cfg.meta_per_class} (imbalance_ratio={cfg.imbalance_ratio:g}, "
+                f"n_max={cfg.n_max}); accepted: a split leaving every class >= {MIN_TRAIN_PER_CLASS} "
+                f"training images (a larger n_max, a smaller imbalance_ratio or smaller hold-outs)")
+
+
 class CalaMethod(Method):
     """What both variants share: ResNet-32, crop + flip, u(y) = log p_tr(y); raw logits at test."""
 
@@ -190,6 +230,7 @@ class CalaMethod(Method):
 
     def __init__(self, cfg: CalaConfig, counts: list[int], device: torch.device):
         super().__init__(cfg, counts, device)
+        check_counts(counts, cfg)
         self.log_prior = losses.log_prior(counts, device)              # u(y)
 
     def build_model(self) -> nn.Module:
@@ -363,26 +404,36 @@ class MetaMethod(CalaMethod):
         idx = torch.randperm(len(self.meta_y), device=self.meta_y.device, generator=gen)[:m]
         return self.train_transform(self.meta_x[idx], gen), self.meta_y[idx]
 
-    def meta_step(self, model: nn.Module, z: torch.Tensor, zeta: torch.Tensor, y: torch.Tensor,
-                  rng: np.random.RandomState) -> torch.Tensor:
+    def meta_step(self, model: nn.Module, x: torch.Tensor, z: torch.Tensor, zeta: torch.Tensor,
+                  y: torch.Tensor, rng: np.random.RandomState) -> torch.Tensor:
         """One Ω update (Eqs. A.12-A.13); returns the meta loss. z [B, C] = f_W(x) with its graph.
 
         Virtual step: Ŵ = W − η1·∇_W ℓ_CALA(z, y; δ(ζ; Ω)), plain SGD at the current lr (no
         momentum or weight decay); then Ω takes an Adam step on CE(f_Ŵ(x_meta), y_meta). The
         virtual passes use copies of the BN buffers, so only the real forward moves them.
+
+        The whole step runs in fp32 whatever the trial's precision: a second-order gradient
+        through bf16 activations loses most of its mantissa. Under autocast, z is recomputed in
+        fp32 for it (one extra forward); without autocast the real forward's z is used as is.
         """
         cfg = self.cfg
         params = dict(model.named_parameters())
-        inner = cala_loss(z, y, y, 1.0, self.log_prior, self.adjustment(zeta, y), cfg.tau1, cfg.tau2)
-        grads = torch.autograd.grad(inner, list(params.values()), create_graph=True, allow_unused=True)
-        lr = cfg.lr_at(self.epoch)
-        fast = {name: p if g is None else p - lr * g for (name, p), g in zip(params.items(), grads)}
-        buffers = {name: b.clone() for name, b in model.named_buffers()}
-        x_meta, y_meta = self.meta_batch(rng)
-        logits_meta, _ = functional_call(model, {**fast, **buffers}, (x_meta,))
-        meta_loss = F.cross_entropy(logits_meta[0], y_meta)              # Eq. A.13: plain CE, f_Ŵ
-        self.meta_opt.zero_grad(set_to_none=True)
-        meta_loss.backward(inputs=list(self.meta_net.parameters()))
+        reduced = torch.is_autocast_enabled(x.device.type) or z.dtype != torch.float32
+        with torch.autocast(x.device.type, enabled=False):
+            if reduced:
+                buffers = {name: b.clone() for name, b in model.named_buffers()}
+                z = functional_call(model, {**params, **buffers}, (x.float(),))[0][0]
+            inner = cala_loss(z, y, y, 1.0, self.log_prior, self.adjustment(zeta.float(), y),
+                              cfg.tau1, cfg.tau2)
+            grads = torch.autograd.grad(inner, list(params.values()), create_graph=True, allow_unused=True)
+            lr = cfg.lr_at(self.epoch)
+            fast = {name: p if g is None else p - lr * g for (name, p), g in zip(params.items(), grads)}
+            buffers = {name: b.clone() for name, b in model.named_buffers()}
+            x_meta, y_meta = self.meta_batch(rng)
+            logits_meta, _ = functional_call(model, {**fast, **buffers}, (x_meta,))
+            meta_loss = F.cross_entropy(logits_meta[0], y_meta)              # Eq. A.13: plain CE, f_Ŵ
+            self.meta_opt.zero_grad(set_to_none=True)
+            meta_loss.backward(inputs=list(self.meta_net.parameters()))
         self.meta_opt.step()
         return meta_loss.detach()
 
@@ -399,7 +450,7 @@ class MetaMethod(CalaMethod):
         zeta, current = characteristics(feats[0], z, y, prev, cfg.knn_k)
         self.iteration += 1
         if self.iteration % cfg.meta_interval == 0:
-            self.last_meta_loss = self.meta_step(model, z, zeta, y, rng)
+            self.last_meta_loss = self.meta_step(model, batch.x, z, zeta, y, rng)
         with torch.no_grad():
             delta = self.adjustment(zeta, y)                             # δ(ζ, Ω^(t+1)), Eq. A.14
         if seen:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainables import augment, lgla, metrics, models
+from trainables import augment, autoaugment, lgla, metrics, models
 from trainables.config import FLAG, TrainConfig, integer, number, one_of, positive
 from trainables.method import Batch, Method as BaseMethod
 
@@ -35,12 +35,13 @@ class DarlConfig(TrainConfig):
     use_aaw: bool = True
     ala_detach: bool = True
     ala_energy_source: str = "expert"    # "expert" (per-expert logits) | "ensemble"
+    autoaugment: bool = True             # LGLA's loader: AutoAugment CIFAR10Policy before cutout
 
     ACCEPTS = {"num_experts": integer(1), "expert_shortcut": one_of(*models.EXPERT_SHORTCUTS),
                "cos_scale": positive(), "tau_gla": positive(none=True), "tau_energy": positive(),
                "mixup_alpha": positive(), "lambda_mix": number(0), "use_mixup": FLAG, "use_cutmix": FLAG,
                "use_ala": FLAG, "use_aaw": FLAG, "ala_detach": FLAG,
-               "ala_energy_source": one_of("expert", "ensemble")}
+               "ala_energy_source": one_of("expert", "ensemble"), "autoaugment": FLAG}
 
 
 def energy(z: torch.Tensor, tau: float) -> torch.Tensor:
@@ -117,6 +118,8 @@ class Method(BaseMethod):
     summary = ("DARL (ACM MM 2025): mixed ID rows as pseudo-OOD + ambiguity-aware logit "
                "adjustment, LGLA 3-expert ResNet-32, ODIN")
 
+    augment_rule = augment.LGLA_RULE
+
     def __init__(self, cfg: DarlConfig, counts: list[int], device: torch.device):
         super().__init__(cfg, counts, device)
         tau_gla = cfg.tau_gla if cfg.tau_gla is not None else lgla.default_tau_gla(self.num_classes)
@@ -135,6 +138,13 @@ class Method(BaseMethod):
                                  cos_scale=self.cfg.cos_scale, arch=arch, pretrained=self.cfg.pretrained)
         return models.create("lgla_resnet32", self.num_classes, num_experts=self.cfg.num_experts,
                              expert_shortcut=self.cfg.expert_shortcut, cos_scale=self.cfg.cos_scale)
+
+    def train_transform(self, x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """LGLA's CIFAR view: crop, flip, AutoAugment (cfg.autoaugment), cutout 16, normalised."""
+        if not self.cfg.autoaugment:
+            return super().train_transform(x_uint8, gen)
+        x = autoaugment.autoaugment(augment.crop_flip_cutout(x_uint8, gen, cutout=0), gen)
+        return augment.normalize(augment.cut_out(x, gen))
 
     def compose(self, batch: Batch, rng: np.random.RandomState) -> tuple[torch.Tensor, ...]:
         """Returns (x [R,3,H,W], q [R,C], row_weight [R], clean [R]): clean LT rows, clean

@@ -65,6 +65,7 @@ class RicassoConfig(TrainConfig):
     use_aaw: bool = True                  # LGLA's g in Eq. 7
     use_cbcl: bool = True
     use_rcl: bool = True
+    autoaugment: bool = True              # LGLA's loader: AutoAugment CIFAR10Policy before cutout
     # Read by DARL's stream composition, which RICASSO shares. RICASSO always makes both mixes
     # (Fig. 2a) and weights every row of D_train equally (Eq. 3), so these are not settable.
     use_mixup: ClassVar[bool] = True
@@ -76,7 +77,8 @@ class RicassoConfig(TrainConfig):
                "lambda_rcl": number(0), "cbcl_gamma_pos": number(0), "cbcl_gamma_neg": number(0),
                "cbcl_eps_num": number(0), "cbcl_eps_den": number(0), "cbcl_normalize": FLAG,
                "dec_rows": one_of(*DEC_ROWS), "rcl_proj_dim": integer(2), "use_mix_in_cls": FLAG,
-               "use_hat_stream": FLAG, "use_aala": FLAG, "use_aaw": FLAG, "use_cbcl": FLAG, "use_rcl": FLAG}
+               "use_hat_stream": FLAG, "use_aala": FLAG, "use_aaw": FLAG, "use_cbcl": FLAG, "use_rcl": FLAG,
+               "autoaugment": FLAG}
 
 
 def hat_sampler_weights(labels: torch.Tensor, counts: list[int], rho: float) -> torch.Tensor:
