@@ -64,7 +64,7 @@ def dataset_spec(cfg: TrainConfig) -> data.DatasetSpec:
     return data.DatasetSpec(name=cfg.dataset, imbalance_ratio=cfg.imbalance_ratio,
                             val_per_class=cfg.val_per_class, n_max=cfg.n_max,
                             test_per_class=cfg.test_per_class, seed=cfg.split_seed,
-                            meta_per_class=cfg.meta_per_class)
+                            meta_per_class=cfg.meta_per_class, val_source=cfg.val_source)
 
 
 def prepare(cfg: TrainConfig, uses_outliers: bool = False) -> Prepared:
