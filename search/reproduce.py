@@ -236,14 +236,15 @@ def champion_values(args: argparse.Namespace, uri: str) -> dict | None:
     else:
         found = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                    f"tags.`tailtune.search` = '{args.from_search}'")
-        best = [r.data.tags.get("tailtune.best_run_id") for r in found if r.data.tags.get("tailtune.best_run_id")]
-        if not best:
+        found = [r for r in found if r.data.tags.get("tailtune.best_run_id")]
+        if not found:
             raise UsageError(f"--from-search {args.from_search}: no finished search of that name with a "
                              f"champion at {uri}")
-        run_id, args.params_from = best[0], f"search {args.from_search}'s champion"
+        if found[0].data.tags.get("tailtune.method") != args.method:
+            raise UsageError(f"--from-search {args.from_search}: a search of "
+                             f"{found[0].data.tags.get('tailtune.method')}, not of {args.method}")
+        run_id, args.params_from = found[0].data.tags["tailtune.best_run_id"], f"search {args.from_search}'s champion"
     run = client.get_run(run_id)
-    if run.data.tags.get("tailtune.method", run.data.params.get("method", args.method)) not in (args.method,):
-        raise UsageError(f"{args.params_from} is a {run.data.tags.get('tailtune.method')} run; expected {args.method}")
     names = [n for n in run.data.tags.get(tracking.SEARCHED_TAG, "").split(",") if n]
     args.params_from += f" (run {run_id})"
     return {n: engine.parse_value(run.data.params[n]) for n in names if n in run.data.params}

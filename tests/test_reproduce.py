@@ -196,3 +196,26 @@ def test_champion_without_a_registered_model_is_one_line(tracking_uri, data_dir,
                            "--storage", str(tmp_path / "ray_results")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--champion: no registered model rna-cifar10-lt-ir100@champion" in err
+
+
+def test_from_search_takes_the_champions_searched_values(tracking_uri, tmp_path, monkeypatch):
+    # A finished search as search/run.py leaves it: a parent naming its best child, a child that
+    # lists what was sampled; reproduce reads those values over the paper point and nothing else.
+    client = MlflowClient(tracking_uri)
+    experiment = client.create_experiment(f"tailtune/test-reproduce/{tmp_path.name}")
+    child = client.create_run(experiment, tags={"tailtune.searched": "tau_energy,lr"})
+    for key, value in (("tau_energy", "3.5"), ("lr", "0.05"), ("weight_decay", "0.001")):
+        client.log_param(child.info.run_id, key, value)
+    name = f"search-{tmp_path.name}"
+    client.create_run(experiment, tags={"tailtune.search": name, "tailtune.method": "darl",
+                                        "tailtune.best_run_id": child.info.run_id})
+    monkeypatch.chdir(tmp_path)
+    args = reproduce.parse_args(["darl", "--from-search", name, "--epochs", "1"])
+    values = reproduce.champion_values(args, tracking_uri)
+    assert values == {"tau_energy": 3.5, "lr": 0.05}
+    plan = reproduce.build_plan(args, values)
+    assert plan["config"]["tau_energy"] == 3.5 and plan["config"]["lr"] == 0.05
+    assert plan["config"]["mixup_alpha"] == 1.0 and "weight_decay" not in plan["config"]   # paper point
+    assert plan["params_from"] == f"search {name}'s champion (run {child.info.run_id})"
+    with pytest.raises(reproduce.UsageError, match=f"--from-search {name}: a search of darl, not of rna"):
+        reproduce.champion_values(reproduce.parse_args(["rna", "--from-search", name]), tracking_uri)
