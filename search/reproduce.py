@@ -29,6 +29,7 @@ import spaces  # noqa: E402
 from search.run import (PRESETS, UsageError, check_tracking_uri, check_writable_folder,  # noqa: E402
                         dataset_tag)
 from trainables import data, engine, papers, protocols, registry  # noqa: E402
+from trainables.config import default_test_ood  # noqa: E402
 
 STATE_FILE = "reproduction.json"
 CHECKPOINT_RULE = "final epoch (as the papers report; nothing is selected)"
@@ -137,6 +138,8 @@ def seeds_of(args: argparse.Namespace, entry: papers.PaperResult, first: int) ->
     """Returns the training seeds: --seed-list, or --seeds (default the paper's run count, else 3)
     consecutive seeds from the method's default seed (its paper code's)."""
     if args.seed_list is not None:
+        if args.seeds is not None:
+            raise UsageError(f"--seeds {args.seeds} with --seed-list {args.seed_list}: give one of them")
         try:
             seeds = [int(s) for s in args.seed_list.split(",") if s.strip()]
         except ValueError:
@@ -188,7 +191,9 @@ def build_plan(args: argparse.Namespace, searched: dict | None = None) -> dict:
               "download": not args.no_download, "epochs": epochs, "precision": args.precision}
     if args.cache_dir:
         config["cache_dir"] = os.path.abspath(args.cache_dir)
-    if protocol.name != "offline" and set(protocol.sets_for(args.dataset)) & set(defaults.val_ood):
+    if protocol.name == "offline":   # the offline sets, the other CIFAR as near-OOD (as search/run.py)
+        config["test_ood"] = default_test_ood(args.dataset)
+    elif set(protocol.sets_for(args.dataset)) & set(defaults.val_ood):
         config["val_ood"] = ("tin_aux_holdout",)   # its noise sets are test sets here
     for item in args.set:
         key, sep, text = item.partition("=")

@@ -119,6 +119,7 @@ def test_unused_validation_with_nothing_unused_is_one_clear_error(data_dir, cach
     (["la", "--epochs", "0"], "--epochs 0: expected an integer >= 1"),
     (["la", "--seed-list", "1,x"], "--seed-list 1,x: expected comma-separated integers >= 0"),
     (["la", "--seed-list", "1,1"], "--seed-list 1,1: expected distinct integers >= 0"),
+    (["la", "--seeds", "2", "--seed-list", "1,2"], "--seeds 2 with --seed-list 1,2: give one of them"),
     (["la", "--precision", "fp8"], "--precision fp8: expected one of fp32, bf16, auto"),
     (["la", "--protocol", "nope"], "--protocol nope: unknown protocol 'nope'"),
     (["la", "--set", "seed=3"], "--set seed: use --seed-list"),
