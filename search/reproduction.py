@@ -16,7 +16,6 @@ import sys
 import tempfile
 from datetime import datetime
 
-import mlflow
 import pandas as pd
 import ray
 from mlflow.entities import Metric, RunTag

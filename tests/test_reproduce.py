@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from search import reproduce
 from tests.conftest import REPO
-from trainables import data, metrics, papers, protocols, registry
+from trainables import data, papers, protocols, registry
 
 REPRODUCE = os.path.join(REPO, "search", "reproduce.py")
 
