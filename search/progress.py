@@ -55,7 +55,7 @@ def wrap(first: str, items: list[str], indent: int) -> list[str]:
 
 
 class Progress(tune.Callback):
-    def __init__(self, metric: str, epochs: int, total: int):
+    def __init__(self, metric: str, epochs: int, total: int, rule: str = CHAMPION_RULE):
         self.metric, self.epochs, self.total = metric, epochs, total
         self.done = self.pruned = self.failed = 0
         self.epochs_seen: dict[str, int] = {}     # trial -> last epoch reported
@@ -66,7 +66,7 @@ class Progress(tune.Callback):
         self.epochs_before = 0                    # epochs done before a resume (not timed here)
         print(f"live lines: [elapsed] trial epoch/{epochs}: {metric} | trials done, pruned | ETA | "
               f"best final {metric}", flush=True)
-        print(textwrap.fill(CHAMPION_RULE, WIDTH, subsequent_indent="  "), flush=True)
+        print(textwrap.fill(rule, WIDTH, subsequent_indent="  "), flush=True)
 
     def __setstate__(self, state: dict) -> None:   # a resumed search: time from now on
         self.__dict__.update(state)

@@ -131,6 +131,9 @@ class TrainConfig:
     dataset: str = "cifar10"
     imbalance_ratio: float = 100.0
     val_per_class: int = 50
+    # "holdout": validation held out before the LT build (searches); "unused": the papers' exact
+    # build, validation from the training images it leaves unused (reproductions; data.VAL_SOURCES).
+    val_source: str = "holdout"
     n_max: int | None = None
     test_per_class: int | None = None
     split_seed: int = 0
@@ -207,7 +210,7 @@ class TrainConfig:
         "image_store_side": integer(8, 1024), "image_size": integer(8, 1024),
         "crop_min_scale": number(0, 1, low_open=True), "backbone": one_of(*BACKBONES),
         "pretrained": Accepts("text", none=True), "device_image_budget_gb": number(0, none=True),
-        "val_per_class": integer(0), "n_max": integer(1, none=True),
+        "val_per_class": integer(0), "val_source": one_of("holdout", "unused"), "n_max": integer(1, none=True),
         "test_per_class": integer(1, none=True), "split_seed": integer(0),
         "data_dir": Accepts("text", none=True), "cache_dir": TEXT, "download": FLAG,
         "val_ood": Accepts("names"), "val_ood_size": integer(1), "test_ood": Accepts("names"),

@@ -29,6 +29,16 @@ from PIL import Image
 IMAGE_SIZE = 32
 OOD_RESIZE_RULE = "resize shorter side to 32 (bilinear, antialias) + center-crop 32"
 LT_RULE = "ldam-drw: per-class seeded shuffle, first n_c; validation held out first"
+# Where the balanced validation split comes from (DatasetSpec.val_source).
+VAL_SOURCES = {
+    # Searches: held out of the training images before the LT subsampling (n_max drops by it).
+    "holdout": LT_RULE,
+    # The papers' exact split (CIFAR-10 IR100: 12,406 images, n_max 5000): validation is drawn from
+    # the training images the LT build leaves unused (ricasso.md §8.18, rna.md A21); a class the
+    # build uses whole (the head at n_max 5000) has none.
+    "unused": "ldam-drw: per-class seeded shuffle, first n_c, nothing held out (the papers' split); "
+              "validation from the training images it leaves unused",
+}
 CLASS_ORDER = "official index order; class 0 = head"
 ID_NAMES = ("cifar10", "cifar100")
 # Read from split lists by trainables.large_lt, at a stored size of their own (not 32x32).
@@ -103,6 +113,12 @@ class DatasetSpec:
     seed: int = 0
     meta_per_class: int = 0  # a balanced meta set held out after validation (Meta-CALA)
     store_side: int = 256    # large sets only: the cached images' side (trainables.large_lt)
+    val_source: str = "holdout"  # a key of VAL_SOURCES
+
+    @property
+    def held_out(self) -> int:
+        """Returns the images per class taken out of the training images before subsampling."""
+        return self.meta_per_class + (self.val_per_class if self.val_source == "holdout" else 0)
 
     def __post_init__(self) -> None:
         if self.name not in ID_NAMES + LARGE_NAMES:
@@ -117,6 +133,8 @@ class DatasetSpec:
             raise ValueError(f"val_per_class={self.val_per_class}; accepted: an integer >= 0")
         if self.meta_per_class < 0:
             raise ValueError(f"meta_per_class={self.meta_per_class}; accepted: an integer >= 0")
+        if self.val_source not in VAL_SOURCES:
+            raise ValueError(f"val_source={self.val_source!r}; accepted: {', '.join(VAL_SOURCES)}")
         if self.n_max is not None and self.n_max < 1:
             raise ValueError(f"n_max={self.n_max}; accepted: None or an integer >= 1")
         if self.test_per_class is not None and self.test_per_class < 1:
@@ -475,7 +493,8 @@ def _missing_id_message(name: str, data_dir: str | None, looked: list[str]) -> s
 
 
 def _holdout_and_subsample(
-    y_train: np.ndarray, counts: list[int], val_per_class: int, seed: int, meta_per_class: int = 0
+    y_train: np.ndarray, counts: list[int], val_per_class: int, seed: int, meta_per_class: int = 0,
+    val_source: str = "holdout",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return (train, validation, meta) indices into the official training split.
 
@@ -483,7 +502,19 @@ def _holdout_and_subsample(
     val_per_class indices become validation and the next meta_per_class the meta set, then a
     permutation per class of what remains whose first counts[c] indices become training.
     Validation is therefore identical for every IR and every meta-set size.
+
+    With val_source "unused" nothing but the meta set is held out first, so the training
+    selection is LDAM-DRW's own; validation is then the first val_per_class of a seeded
+    permutation (its own RandomState, seed + 2) of each class's images training left unused.
     """
+    if val_source == "unused":
+        train, _, meta = _holdout_and_subsample(y_train, counts, 0, seed, meta_per_class)
+        rng = np.random.RandomState(seed + 2)
+        taken = np.zeros(len(y_train), dtype=bool)
+        taken[train] = taken[meta] = True
+        val = [np.sort(rng.permutation(np.flatnonzero((y_train == c) & ~taken))[:val_per_class])
+               for c in range(len(counts))]
+        return train, np.concatenate(val).astype(np.int64), meta
     rng = np.random.RandomState(seed)
     held = val_per_class + meta_per_class
     remaining, val, meta = [], [], []
@@ -518,11 +549,16 @@ def _balanced_subset(y: np.ndarray, num_classes: int, per_class: int, seed: int)
 def _check_counts(
     spec: DatasetSpec, counts: list[int], per_class: np.ndarray, class_names: list[str]
 ) -> None:
-    """Raise ValueError if some class has fewer images than validation plus its LT count."""
-    held = spec.val_per_class + spec.meta_per_class
+    """Raise ValueError if some class has fewer images than what is held out plus its LT count."""
+    held = spec.held_out
     for c, (wanted, have) in enumerate(zip(counts, per_class)):
         available = int(have) - held
         if available < wanted or available < 0:
+            if spec.val_source == "unused":
+                raise ValueError(
+                    f"class {c} ('{class_names[c]}') needs {spec.meta_per_class} meta + {wanted} "
+                    f"training images but has {int(have)}; accepted: meta_per_class + n_max <= "
+                    f"{int(per_class.min())}")
             raise ValueError(
                 f"class {c} ('{class_names[c]}') needs {spec.val_per_class} validation + "
                 f"{spec.meta_per_class} meta + {wanted} training images but has {int(have)}; "
@@ -549,7 +585,7 @@ def load_id_data(
     class_names = [str(n) for n in arrays["class_names"]]
     num_classes = len(class_names)
     per_class = np.bincount(y_train, minlength=num_classes)
-    held = spec.val_per_class + spec.meta_per_class
+    held = spec.held_out
     n_max = spec.n_max if spec.n_max is not None else int(per_class.min()) - held
     if n_max < 1:
         raise ValueError(
@@ -559,8 +595,12 @@ def load_id_data(
     counts = lt_counts(num_classes, n_max, spec.imbalance_ratio)
     _check_counts(spec, counts, per_class, class_names)
     train_index, val_index, meta_index = _holdout_and_subsample(
-        y_train, counts, spec.val_per_class, spec.seed, spec.meta_per_class
+        y_train, counts, spec.val_per_class, spec.seed, spec.meta_per_class, spec.val_source
     )
+    if spec.val_per_class and not len(val_index):
+        raise ValueError(f"val_source='unused' with imbalance_ratio={spec.imbalance_ratio:g}: the build "
+                         f"uses every training image, none is left for validation; accepted: "
+                         f"val_source='holdout'")
     if spec.test_per_class is None:
         test_index = np.arange(len(y_test), dtype=np.int64)
     else:
@@ -580,7 +620,9 @@ def load_id_data(
         "test_per_class": "all" if spec.test_per_class is None else str(spec.test_per_class),
         "split_seed": str(spec.seed),
         "test_subset_seed": "none" if spec.test_per_class is None else str(spec.seed + 1),
-        "lt_rule": LT_RULE,
+        "lt_rule": VAL_SOURCES[spec.val_source],
+        "val_source": spec.val_source,
+        "val_counts": ",".join(str(n) for n in np.bincount(y_train[val_index], minlength=num_classes)),
         "counts": ",".join(str(n) for n in counts),
         "train_size": str(len(train)),
         "val_size": str(len(val)),

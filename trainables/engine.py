@@ -64,7 +64,8 @@ def dataset_spec(cfg: TrainConfig) -> data.DatasetSpec:
     return data.DatasetSpec(name=cfg.dataset, imbalance_ratio=cfg.imbalance_ratio,
                             val_per_class=cfg.val_per_class, n_max=cfg.n_max,
                             test_per_class=cfg.test_per_class, seed=cfg.split_seed,
-                            meta_per_class=cfg.meta_per_class, store_side=cfg.image_store_side)
+                            meta_per_class=cfg.meta_per_class, store_side=cfg.image_store_side,
+                            val_source=cfg.val_source)
 
 
 def test_ood_names(cfg: TrainConfig) -> list[str]:
