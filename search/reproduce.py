@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import spaces  # noqa: E402
 from search.run import (PRESETS, UsageError, check_tracking_uri, check_writable_folder,  # noqa: E402
-                        dataset_tag)
+                        dataset_tag, preset_config)
 from trainables import data, engine, papers, protocols, registry  # noqa: E402
 from trainables.config import default_test_ood  # noqa: E402
 
@@ -184,7 +184,8 @@ def build_plan(args: argparse.Namespace, searched: dict | None = None) -> dict:
     defaults = method_cls.config_cls()
     epochs = args.epochs or (defaults.epochs if args.preset == "paper" else preset["epochs"])
     point = {**spaces.get(args.method).paper_point, **(searched or {})}
-    config = {**preset["config"], **point, "dataset": args.dataset, "imbalance_ratio": entry.imbalance_ratio,
+    config = {**preset_config(args.preset, method_cls, entry.imbalance_ratio), **point,
+              "dataset": args.dataset, "imbalance_ratio": entry.imbalance_ratio,
               # The papers' split: nothing held out of training before the LT build.
               "val_source": "unused", "protocol": protocol.name, "allow_missing_ood": args.allow_missing_ood,
               "data_dir": os.path.abspath(args.data_dir) if args.data_dir else None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -42,6 +43,19 @@ PRESETS = {
     "paper": {"trials": 32, "epochs": 200, "grace_period": 80, "reduction_factor": 2, "max_concurrent": 4,
               "cpus_per_trial": 1.0, "config": {"eval_every": 5}},
 }
+
+
+def preset_config(preset: str, method_cls: type, imbalance_ratio: float) -> dict:
+    """Returns the preset's config overrides for this method. The smoke preset's tiny n_max
+    leaves its tail class n_max / IR images; a method that needs more per class (CALA: 2) gets
+    the smallest n_max that keeps them (logged with the config like every other field)."""
+    config = dict(PRESETS[preset]["config"])
+    floor = method_cls.min_train_per_class
+    if config.get("n_max") is not None and config["n_max"] / imbalance_ratio < floor:
+        config["n_max"] = int(math.ceil(floor * imbalance_ratio))
+    return config
+
+
 SAMPLERS = ("tpe", "cmaes", "random", "nsga2")
 DATASETS = ("cifar10", "cifar100", *LARGE_DATASETS)
 METRIC = "val_score"
@@ -239,7 +253,7 @@ def build_plan(args: argparse.Namespace) -> dict:
     if args.gpus_per_trial is not None and not 0 <= args.gpus_per_trial <= 8:
         raise UsageError(f"--gpus-per-trial {args.gpus_per_trial:g}: expected a number in [0, 8]")
 
-    config = {**preset["config"], "dataset": args.dataset, "imbalance_ratio": args.imbalance_ratio,
+    config = {**preset_config(args.preset, method_cls, args.imbalance_ratio), "dataset": args.dataset, "imbalance_ratio": args.imbalance_ratio,
               "data_dir": os.path.abspath(args.data_dir) if args.data_dir else None,
               "download": not args.no_download, "epochs": budget["epochs"], "seed": args.seed}
     if args.cache_dir:

@@ -384,3 +384,16 @@ def test_meta_step_runs_in_fp32_under_bf16_autocast(monkeypatch):
     assert results["bf16"][0] == pytest.approx(results["fp32"][0], rel=1e-4)
     for p, q in zip(results["bf16"][1], results["fp32"][1]):
         assert torch.allclose(p, q, atol=2e-3)   # Adam's first step is ±lr (1e-3) per weight
+
+
+@pytest.mark.parametrize("ratio", [10, 50, 100])
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_smoke_preset_keeps_calas_tail_at_two_images(ratio, num_classes):
+    from search.run import preset_config
+    from trainables import registry
+    for name in ("cala", "cala_meta"):
+        n_max = preset_config("smoke", registry.get(name), ratio)["n_max"]
+        assert min(data.lt_counts(num_classes, n_max, ratio)) >= 2, (name, ratio, n_max)
+    # A method without the floor keeps the preset's n_max (whose tail is 1 image at IR 100).
+    assert preset_config("smoke", registry.get("darl"), ratio)["n_max"] == 100
+    assert min(data.lt_counts(num_classes, 100, 100)) == 1

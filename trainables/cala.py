@@ -226,6 +226,7 @@ class CalaMethod(Method):
     """What both variants share: ResNet-32, crop + flip, u(y) = log p_tr(y); raw logits at test."""
 
     augment_rule = augment.CROP_FLIP_RULE
+    min_train_per_class = MIN_TRAIN_PER_CLASS
     large_scale = True   # CALA's Places-LT runs: ResNet-152 (cfg.pretrained for ImageNet weights)
 
     def __init__(self, cfg: CalaConfig, counts: list[int], device: torch.device):

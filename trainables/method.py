@@ -71,6 +71,9 @@ class Method(abc.ABC):
     # Runs on ImageNet-LT / Places-LT: the method builds its network with `backbone`, and the
     # dataset's views (trainables.large_lt.View) replace its CIFAR transforms there.
     large_scale = False
+    # The fewest training images a class may keep (a method whose losses need pairs raises it);
+    # the smoke preset's n_max grows to keep its tail class at this many.
+    min_train_per_class = 1
     odin_std = augment.CIFAR_STD   # ODIN's step is in pixel units, divided by the input std
     # Training statistics of a feature-based cfg.ood_score (trainables.detectors), set by
     # `fit_detector`; a checkpoint carries them, so a loaded champion scores without refitting.
