@@ -193,7 +193,8 @@ def test_a_finished_reproduction_resumes_to_nothing(reproduction):
 
 def test_champion_without_a_registered_model_is_one_line(tracking_uri, data_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = reproduce.main(["rna", "--champion", "--tracking-uri", tracking_uri, "--data-dir", data_dir,
+    code = reproduce.main(["rna", "--champion", "--protocol", "offline", "--tracking-uri", tracking_uri,
+                           "--data-dir", data_dir,
                            "--storage", str(tmp_path / "ray_results")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--champion: no registered model rna-cifar10-lt-ir100@champion" in err
