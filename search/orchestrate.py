@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 
 import mlflow
 import numpy as np
@@ -142,18 +143,25 @@ def start(plan: dict, record: dict[str, str], args: argparse.Namespace) -> int:
         print(f"error: a search named {name!r} exists at {path}; use --resume {name} or another --name",
               file=sys.stderr)
         return 2
+    return start_guarded(path, uri, STATE_FILE,
+                         lambda ids: _start(plan, record, args, uri, name, path, tag, ids))
+
+
+def start_guarded(path: str, uri: str, state_file: str, start: Callable[[list[str]], int]) -> int:
+    """Runs `start(parent_ids)` holding the folder's lock. A start that fails leaves no RUNNING
+    parent (the first id `start` appended is marked FAILED), unless Ctrl-C left a resumable
+    run; a folder left without its state file (`state_file`) is removed."""
     lock_search(path)
     parent_ids: list[str] = []
     try:
-        return _start(plan, record, args, uri, name, path, tag, parent_ids)
+        return start(parent_ids)
     except BaseException as e:
-        # A start that fails leaves no RUNNING parent: FAILED, unless Ctrl-C left a resumable search.
-        resumable = isinstance(e, KeyboardInterrupt) and os.path.exists(os.path.join(path, STATE_FILE))
+        resumable = isinstance(e, KeyboardInterrupt) and os.path.exists(os.path.join(path, state_file))
         if parent_ids and not resumable:
             MlflowClient(uri).set_terminated(parent_ids[0], "FAILED")
         raise
     finally:
-        if not os.path.exists(os.path.join(path, STATE_FILE)):   # nothing to resume: leave nothing
+        if not os.path.exists(os.path.join(path, state_file)):   # nothing to resume: leave nothing
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -11,7 +11,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 from datetime import datetime
@@ -60,18 +59,8 @@ def start(plan: dict, record: dict[str, str], args: argparse.Namespace, uri: str
         print(f"error: a run named {name!r} exists at {path}; use --resume {name} or another --name",
               file=sys.stderr)
         return 2
-    orchestrate.lock_search(path)
-    parent_ids: list[str] = []
-    try:
-        return _start(plan, record, args, uri, name, path, tag, parent_ids)
-    except BaseException as e:
-        resumable = isinstance(e, KeyboardInterrupt) and os.path.exists(os.path.join(path, STATE_FILE))
-        if parent_ids and not resumable:
-            MlflowClient(uri).set_terminated(parent_ids[0], "FAILED")
-        raise
-    finally:
-        if not os.path.exists(os.path.join(path, STATE_FILE)):
-            shutil.rmtree(path, ignore_errors=True)
+    return orchestrate.start_guarded(path, uri, STATE_FILE,
+                                     lambda ids: _start(plan, record, args, uri, name, path, tag, ids))
 
 
 def _start(plan: dict, record: dict[str, str], args: argparse.Namespace, uri: str, name: str, path: str,
