@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import spaces
-from trainables.cocl import (CoclConfig, CoclResNet32, Method, calibrated_logits, farthest_rows,
+from trainables.cocl import (CoclConfig, CoclNetwork, Method, calibrated_logits, farthest_rows,
                              head_classes, head_triplet_loss, outlier_class_loss, split_normalize,
                              tail_prototype_loss)
 from trainables.engine import Batch
@@ -213,7 +213,7 @@ def test_model_contract_and_method_loss_on_an_engine_batch():
     torch.manual_seed(0)
     method = Method(CoclConfig(), CIFAR10_IR100, CPU)
     model = method.build_model()
-    assert isinstance(model, CoclResNet32)
+    assert isinstance(model, CoclNetwork)
     batch, x = engine_batch(method)
     logits, feats = model(batch.x)
     assert logits.shape == (1, 12, 11) and feats.shape == (1, 12, 64)

@@ -34,7 +34,8 @@ def cross_expert_grads(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def test_registry_names_and_unknown():
     assert models.names() == ["lgla_resnet32", "lgla_resnet50", "resnet152", "resnet18", "resnet18_rna",
-                              "resnet32", "resnet32_multihead", "resnet50"]
+                              "resnet32", "resnet32_multihead", "resnet50", "resnet50_multihead",
+                              "rna_resnet50"]
     with pytest.raises(ValueError, match=r"'resnet33'.*lgla_resnet32.*resnet32"):
         models.create("resnet33", num_classes=10)
 

@@ -10,7 +10,7 @@ import spaces
 from trainables import losses
 from trainables.engine import Batch
 from trainables.method import TrainData
-from trainables.pascl import (Method, PasclConfig, PasclResNet32, pascl_contrastive_loss,
+from trainables.pascl import (Method, PasclConfig, PasclNetwork, pascl_contrastive_loss,
                               tail_classes)
 
 CIFAR10_IR100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
@@ -213,7 +213,7 @@ def test_model_contract_and_method_loss_on_an_engine_batch():
     torch.manual_seed(0)
     method, x, y = make_method()
     model = method.build_model()
-    assert isinstance(model, PasclResNet32)
+    assert isinstance(model, PasclNetwork)
     logits, feats = model(method.eval_transform(x[:3]))
     assert logits.shape == (1, 3, 10) and feats.shape == (1, 3, 64)
     assert model.project(feats[0]).norm(dim=1).tolist() == pytest.approx([1.0] * 3, abs=1e-5)

@@ -44,6 +44,25 @@ Choices against the official code:
 - Test-time score: the code reports -P(outlier) with ID as the positive class; our confidence is
   -P(outlier class | OLC logits), higher for ID, which is the same ranking.
 
+Large-scale setup (ImageNet-LT in the paper; the official `models/resnet_imagenet.py`,
+`train.py --ds imagenet` and the README's ImageNet command):
+- network: torchvision's ResNet-50 (`backbone=auto`; ResNet-152 on Places-LT, or `backbone=...`,
+  `pretrained=...`) with a linear classifier of C + 1 outputs on its 2048-d GAP feature, and
+  round(0.4 C) learnable tail prototypes [P, 2048] (400 on ImageNet-LT, the code's
+  `weight` [400, 2048]), each half of 1024 normalised separately in L_TPL (its num_head = 2);
+  L_DHL on the raw 2048-d features (`CoclNetwork`);
+- loss weights: λ1 = 0.02, λ2 = 0.01, λ3 = 0.01 (the README's ImageNet command and the code's
+  help text; Places-LT, which COCL never ran, takes them too); T, m, τ, the head/tail rates and
+  the 2:1 outlier batch are the code's defaults (the ImageNet command changes none of them; its
+  `stage1.py` is not in the release);
+- inputs: the dataset's views (`large_lt.View`, ImageNet mean/std as the code), crops at scale
+  (0.2, 1) as its RandomResizedCrop; its colour jitter and grayscale are not applied;
+- head and tail classes ranked by training count. The code compares labels with round(0.4 C)
+  and round(0.6 C), the same sets on the count-sorted CIFAR builds; ImageNet-LT's labels are not
+  sorted by count, so there the code's "head" and "tail" are the first 401 and last 400 labels;
+- the recipe (the README's lr 0.1; the rest of its ImageNet schedule is not published) is not
+  this config's default: set it with --set.
+
 Run one trial without Ray:  python -m trainables cocl --epochs 2 --data-dir DATA_DIR
 """
 from __future__ import annotations
@@ -56,8 +75,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainables import augment, losses, models, scores
-from trainables.config import TrainConfig, integer, number, one_of, positive
+from trainables import augment, losses, scores
+from trainables.config import TrainConfig, fill_dataset_defaults, integer, number, one_of, positive
 from trainables.method import Batch, Method as BaseMethod
 from trainables.pascl import tail_classes
 
@@ -78,10 +97,11 @@ class CoclConfig(TrainConfig):
     warmup_epochs: int = 0
     outlier_ratio: float = 2.0           # outliers per ID image when outlier_batch_size is unset: 256 : 128
     ood_score: str = "outlier_class"     # -P(outlier class) after OLC; also msp | energy | max_logit
-    # Loss (the code's Lambda1-3, temperature, margin, headrate, tailrate).
-    lambda_ocl: float = 0.05             # λ1, weight of L_OCL
-    lambda_tail: float = 0.05            # λ2, weight of L_TPL (OOD-aware tail prototypes)
-    lambda_head: float = 0.1             # λ3, weight of L_DHL (debiased head triplets)
+    # Loss (the code's Lambda1-3, temperature, margin, headrate, tailrate). λ1-3 None -> the
+    # paper's for the dataset: 0.05 / 0.05 / 0.1 on CIFAR, 0.02 / 0.01 / 0.01 on the large sets.
+    lambda_ocl: float | None = None      # λ1, weight of L_OCL
+    lambda_tail: float | None = None     # λ2, weight of L_TPL (OOD-aware tail prototypes)
+    lambda_head: float | None = None     # λ3, weight of L_DHL (debiased head triplets)
     temperature: float = 0.07            # T of L_TPL
     margin: float = 1.0                  # m of L_DHL
     head_rate: float = 0.4               # head = the round(h C) + 1 most frequent classes
@@ -89,14 +109,18 @@ class CoclConfig(TrainConfig):
     prototype_heads: int = 2             # halves normalised separately in L_TPL (the code's num_head)
     # Test time.
     tau_olc: float = 1.0                 # τ of OLC; 0 = raw logits
+    crop_min_scale: float = 0.2          # large sets only: the ImageNet code's RandomResizedCrop scale
 
-    ACCEPTS = {"outlier_ratio": positive(), "ood_score": one_of(*OOD_SCORES), "lambda_ocl": number(0),
-               "lambda_tail": number(0), "lambda_head": number(0), "temperature": positive(),
+    ACCEPTS = {"outlier_ratio": positive(), "ood_score": one_of(*OOD_SCORES),
+               "lambda_ocl": number(0, none=True), "lambda_tail": number(0, none=True),
+               "lambda_head": number(0, none=True), "temperature": positive(),
                "margin": number(0), "head_rate": number(0, 1, low_open=True, high_open=True),
                "tail_rate": number(0, 1, low_open=True, high_open=True), "prototype_heads": integer(1),
                "tau_olc": number(0)}
 
     def __post_init__(self) -> None:
+        fill_dataset_defaults(self, {"lambda_ocl": (0.05, 0.02), "lambda_tail": (0.05, 0.01),
+                                     "lambda_head": (0.1, 0.01)})
         super().__post_init__()
         if self.outlier_batch_size is None:
             self.outlier_batch_size = max(1, round(self.outlier_ratio * self.batch_size))
@@ -166,19 +190,21 @@ def calibrated_logits(logits: torch.Tensor, prior_log: torch.Tensor, tau: float)
     return logits - tau * shift
 
 
-class CoclResNet32(nn.Module):
-    """CIFAR ResNet-32 with C + 1 outputs and P learnable tail prototypes [P, 64].
+class CoclNetwork(nn.Module):
+    """A backbone with C + 1 outputs and P learnable tail prototypes [P, d] on its d-dim feature:
+    the CIFAR ResNet-32 (d = 64), or torchvision's ResNet on the large sets (d = 2048 for
+    ResNet-50, the official ImageNet model's `weight` [400, 2048]).
 
-    forward(x) keeps the model contract: (logits [1, B, C + 1], feats [1, B, 64]).
+    forward(x) keeps the model contract: (logits [1, B, C + 1], feats [1, B, d]).
     """
 
     num_experts = 1
 
-    def __init__(self, num_classes: int, num_prototypes: int):
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_prototypes: int):
         super().__init__()
-        self.backbone = models.create("resnet32", num_classes + 1)
-        bound = 1.0 / math.sqrt(64)                  # the code's uniform(-1/sqrt(d), 1/sqrt(d))
-        self.prototypes = nn.Parameter(torch.empty(num_prototypes, 64).uniform_(-bound, bound))
+        self.backbone = backbone
+        bound = 1.0 / math.sqrt(feature_dim)         # the code's uniform(-1/sqrt(d), 1/sqrt(d))
+        self.prototypes = nn.Parameter(torch.empty(num_prototypes, feature_dim).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.backbone(x)
@@ -201,6 +227,7 @@ class Method(BaseMethod):
     augment_rule = ("random crop 32 with 4-px zero padding, horizontal flip p=0.5, ColorJitter(0.4, 0.4, "
                     "0.4, 0.1) p=0.8, grayscale p=0.2 (batched, torchvision tensor maths); ID and outliers")
     input_rule = f"x / 255, mean {IMAGENET_MEAN} std {IMAGENET_STD} (ImageNet statistics, COCL's CIFAR code)"
+    large_scale = True   # torchvision's ResNet, C + 1 outputs, 2048-d prototypes (official ImageNet model)
 
     def __init__(self, cfg: CoclConfig, counts: list[int], device: torch.device):
         super().__init__(cfg, counts, device)
@@ -211,7 +238,8 @@ class Method(BaseMethod):
         self.prototype_of = (torch.cumsum(self.is_tail.long(), 0) - 1).masked_fill(~self.is_tail, -1)
 
     def build_model(self) -> torch.nn.Module:
-        return CoclResNet32(self.num_classes, int(self.is_tail.sum()))
+        backbone = self.backbone("resnet32", self.num_classes + 1)
+        return CoclNetwork(backbone, backbone.feature_dim, int(self.is_tail.sum()))
 
     def train_transform(self, x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return imagenet_normalize(augment.crop_flip_jitter_gray(x_uint8, gen))
@@ -256,7 +284,7 @@ class Method(BaseMethod):
         return self.calibrated(model, x)[:, :self.num_classes]
 
     def classify(self, model: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
-        """Returns `logits` from features [1, B, 64] (ReAct clips them first): the classifier, OLC,
+        """Returns `logits` from features [1, B, d] (ReAct clips them first): the classifier, OLC,
         the first C columns."""
         z = model.backbone.classifier(feats[0])
         return calibrated_logits(z, self.prior_log, self.cfg.tau_olc)[:, :self.num_classes]

@@ -125,6 +125,19 @@ def default_test_ood(dataset: str) -> tuple[str, ...]:
     return DEFAULT_TEST_OOD
 
 
+def fill_dataset_defaults(cfg: Any, defaults: dict[str, tuple[Any, Any]]) -> None:
+    """Sets each field of `cfg` that is None to its paper default for cfg.dataset. `defaults`
+    maps a field to (CIFAR value, large-scale value); the large-scale value may be a dict by
+    dataset. A method's config calls this in __post_init__, so the logged config holds the values
+    used (and a CIFAR config the same ones as before the large sets had their own)."""
+    for name, (cifar, large) in defaults.items():
+        if getattr(cfg, name) is None:
+            if cfg.dataset in LARGE_DATASETS:
+                setattr(cfg, name, large[cfg.dataset] if isinstance(large, dict) else large)
+            else:
+                setattr(cfg, name, cifar)
+
+
 @dataclass
 class TrainConfig:
     # Data build (trainables.data.DatasetSpec).

@@ -43,6 +43,26 @@ Choices against the official code:
 - Not implemented: stage 2 (`stage2.py`, the README's 10-epoch fine-tune of the classifier,
   used for the paper's ID accuracy). Our ID accuracy is the stage-1 model's, like PASCL's here.
 
+Large-scale setup (ImageNet-LT in the paper; the official `models/our_resnet_imagenet.py` and
+`stage1.py --ds imagenet` with the README's ImageNet command):
+- network: torchvision's ResNet-50 (`backbone=auto`; ResNet-152 on Places-LT, or `backbone=...`,
+  `pretrained=...`) with three linear heads Linear(2048, C + A) on its GAP feature
+  (`models.MultiHeadTorchvisionResNet`). The released ImageNet code builds the heads with C
+  outputs, too few for its shifted labels (ID label + A); we give them C + A, as on CIFAR;
+- A = 30 abstention classes (the README's `--odc 30`): abstention_ratio resolves to 30 / C on
+  the large sets (0.03 on ImageNet-LT; Places-LT, which EAT never ran, keeps the 30 classes);
+- contexts and pasted classes: the code's ImageNet split is half and half (head = the first 500
+  labels, tail = the last 500), so head_fraction and tail_fraction resolve to 0.5 there. We rank
+  classes by training count; ImageNet-LT's labels are not sorted by count, so the code's halves
+  are not the frequent and rare halves;
+- inputs: the dataset's views (`large_lt.View`, ImageNet mean/std) for both ID views and the
+  outliers, crops at scale (0.2, 1) as the code's RandomResizedCrop; its colour jitter and
+  grayscale are not applied. The paste boxes follow the view size (224 px at the default);
+- outliers: all of the outlier set (the code's ImageNet-Extra ImageFolder), 1:1;
+- the paper's ImageNet recipe (SGD, Nesterov, lr 0.1 · batch/256, weight decay 5e-5, steps at
+  epochs 60 and 80, 60 epochs per `-e 60`, batch 128) is not this config's default: set it with
+  --set.
+
 Run one trial without Ray:  python -m trainables eat --epochs 2 --data-dir DATA_DIR
 """
 from __future__ import annotations
@@ -55,11 +75,14 @@ import torch.nn.functional as F
 
 from trainables import augment, models, scores
 from trainables.cocl import most_frequent_classes
-from trainables.config import TrainConfig, integer, number, one_of, positive
+from trainables.config import TrainConfig, fill_dataset_defaults, integer, number, one_of, positive
 from trainables.method import Batch, Method as BaseMethod, TrainData
 from trainables.pascl import tail_classes
 
 OOD_SCORES = ("abstention", *(name for name in scores.NAMES if name != "odin"))
+# A = 30 abstention classes on the large sets (the README's ImageNet-LT `--odc 30`), as a share of
+# each set's classes.
+LARGE_ABSTENTION_RATIO = {"imagenet-lt": 30 / 1000, "places-lt": 30 / 365}
 
 
 @dataclass
@@ -75,16 +98,25 @@ class EatConfig(TrainConfig):
     ood_score: str = "abstention"        # -Σ_k Σ_a softmax(z_k)_{C+a}; also msp | energy | max_logit
     lambda_cutmix: float = 0.05          # Λ0, weight of the pasted rows' CE
     lambda_ood: float = 0.05             # Λ1, weight of the outliers' abstention CE
-    abstention_ratio: float = 0.3        # A = round(ratio · C): 3 on CIFAR-10, 30 on CIFAR-100
+    # None below -> the paper's for the dataset (CIFAR / large sets, see the module docstring).
+    abstention_ratio: float | None = None   # A = round(ratio · C): 0.3 (3 on CIFAR-10, 30 on CIFAR-100); 30 / C
     num_heads: int = 3                   # linear heads on the shared feature
-    head_fraction: float = 0.4           # contexts: the round(f C) most frequent classes
-    tail_fraction: float = 0.4           # pasted: the bottom C - round((1 - f) C) classes
+    head_fraction: float | None = None   # contexts: the round(f C) most frequent classes; 0.4 / 0.5
+    tail_fraction: float | None = None   # pasted: the bottom C - round((1 - f) C) classes; 0.4 / 0.5
     cutmix_beta: float = 0.9999          # λ ~ Beta(β, β) of each paste group
+    crop_min_scale: float = 0.2          # large sets only: the ImageNet code's RandomResizedCrop scale
 
     ACCEPTS = {"ood_score": one_of(*OOD_SCORES), "lambda_cutmix": number(0), "lambda_ood": number(0),
-               "abstention_ratio": positive(), "num_heads": integer(1),
-               "head_fraction": number(0, 1, low_open=True, high_open=True),
-               "tail_fraction": number(0, 1, low_open=True, high_open=True), "cutmix_beta": positive()}
+               "abstention_ratio": positive(none=True), "num_heads": integer(1),
+               "head_fraction": number(0, 1, low_open=True, high_open=True, none=True),
+               "tail_fraction": number(0, 1, low_open=True, high_open=True, none=True),
+               "cutmix_beta": positive()}
+
+    def __post_init__(self) -> None:
+        fill_dataset_defaults(self, {"abstention_ratio": (0.3, LARGE_ABSTENTION_RATIO),
+                                     "head_fraction": (0.4, 0.5), "tail_fraction": (0.4, 0.5)})
+        super().__post_init__()
+
 
 def num_abstention_classes(num_classes: int, ratio: float) -> int:
     """Returns A = round(ratio · C); ValueError if that is 0."""
@@ -165,6 +197,7 @@ class Method(BaseMethod):
                     "0.4, 0.1) p=0.8, grayscale p=0.2 (batched, torchvision tensor maths); ID (two "
                     "views) and outliers; tail boxes pasted on head / outlier rows")
     input_rule = "x / 255, no mean/std normalisation (EAT's CIFAR code)"
+    large_scale = True   # torchvision's ResNet with three heads of C + A outputs (official ImageNet model)
 
     def __init__(self, cfg: EatConfig, counts: list[int], device: torch.device):
         super().__init__(cfg, counts, device)
@@ -174,8 +207,11 @@ class Method(BaseMethod):
         self.train_x: torch.Tensor | None = None
 
     def build_model(self) -> torch.nn.Module:
-        return models.create("resnet32_multihead", self.num_classes + self.num_abstention,
-                             num_heads=self.cfg.num_heads)
+        cfg, arch, outputs = self.cfg, self.backbone_name(), self.num_classes + self.num_abstention
+        if arch is not None:
+            return models.create("resnet50_multihead", outputs, num_heads=cfg.num_heads, arch=arch,
+                                 pretrained=cfg.pretrained)
+        return models.create("resnet32_multihead", outputs, num_heads=cfg.num_heads)
 
     def train_transform(self, x_uint8: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return augment.crop_flip_jitter_gray(x_uint8, gen)
@@ -234,7 +270,7 @@ class Method(BaseMethod):
         return probs[:, :self.num_classes].clamp(min=1e-30).log()
 
     def classify(self, model: torch.nn.Module, feats: torch.Tensor) -> torch.Tensor:
-        """Returns `logits` from features [K, B, 64] (ReAct clips them first): each head on its
+        """Returns `logits` from features [K, B, d] (ReAct clips them first): each head on its
         copy of the shared feature, the heads' mean softmax over the C ID columns, logged."""
         probs = torch.stack([head(f) for head, f in zip(model.heads, feats)]).float().softmax(-1).mean(0)
         return probs[:, :self.num_classes].clamp(min=1e-30).log()

@@ -100,13 +100,14 @@ class Method(abc.ABC):
             return self.cfg.backbone
         return large_lt.SETS[self.cfg.dataset].backbone if large_lt.is_large(self.cfg.dataset) else None
 
-    def backbone(self, cifar_model: str, **cifar_kwargs) -> torch.nn.Module:
+    def backbone(self, cifar_model: str, num_outputs: int | None = None, **cifar_kwargs) -> torch.nn.Module:
         """Returns the method's CIFAR network `cifar_model`, or the torchvision ResNet of
-        `backbone_name` (with cfg.pretrained) where one is in use."""
-        name = self.backbone_name()
+        `backbone_name` (with cfg.pretrained) where one is in use, with `num_outputs` classifier
+        outputs (the number of classes unless given, e.g. C + 1 with an outlier class)."""
+        name, outputs = self.backbone_name(), num_outputs or self.num_classes
         if name is None:
-            return models.create(cifar_model, self.num_classes, **cifar_kwargs)
-        return models.create(name, self.num_classes, pretrained=self.cfg.pretrained)
+            return models.create(cifar_model, outputs, **cifar_kwargs)
+        return models.create(name, outputs, pretrained=self.cfg.pretrained)
 
     # -- model and optimiser ---------------------------------------------------------------
     @abc.abstractmethod

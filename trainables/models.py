@@ -16,6 +16,9 @@ Registered:
   per expert. Parameter count 1,344,784 (C=10, K=3) and 1,362,064 (C=100, K=3), as in LGLA.
 - "resnet18", "resnet50", "resnet152": torchvision's ImageNet ResNets (ImageNet-LT, Places-LT).
 - "lgla_resnet50": LGLA's K-expert ResNet-50 for ImageNet-LT (shared stem to layer2).
+- "rna_resnet50": RNA's ImageNet ResNet-50 (BN affine off, projection head h_φ).
+- "resnet50_multihead": torchvision's ResNet-50 with K linear heads (EAT on ImageNet-LT).
+The last three take `arch` (resnet18 / resnet50 / resnet152) for another torchvision trunk.
 """
 from __future__ import annotations
 
@@ -145,6 +148,7 @@ class ResNet32(nn.Module):
     """
 
     num_experts = 1
+    feature_dim = 64
 
     def __init__(self, num_classes: int, classifier: str = "linear", cos_scale: float = 30.0):
         super().__init__()
@@ -237,6 +241,19 @@ class LGLAResNet32(nn.Module):
 PROJECTIONS = ("mlp", "linear", "none")
 
 
+def rna_projection(d: int, kind: str, proj_dim: int) -> nn.Module:
+    """Returns RNA's h_φ on d-dim features: "mlp" = Linear(d, d)-ReLU-Linear(d, proj_dim), the
+    paper's, output not normalised; "linear" = W_h, a bias-free Linear(d, proj_dim); "none" = the
+    identity (the two ablations of the paper's Table 15)."""
+    if kind not in PROJECTIONS:
+        raise ValueError(f"projection={kind!r} is not one of {list(PROJECTIONS)}")
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, proj_dim))
+    if kind == "linear":
+        return nn.Linear(d, proj_dim, bias=False)
+    return nn.Identity()
+
+
 class ConvShortcutBlock(nn.Module):
     """CIFAR ResNet-18 BasicBlock (kuangliu layout) with BN affine off; returns [B, planes, H', W'].
 
@@ -284,7 +301,7 @@ class RNAResNet18(nn.Module):
     def __init__(self, num_classes: int, shortcut_bn_affine: bool = True, projection: str = "mlp",
                  proj_dim: int = 128):
         super().__init__()
-        if projection not in PROJECTIONS:
+        if projection not in PROJECTIONS:   # before any layer is built
             raise ValueError(f"projection={projection!r} is not one of {list(PROJECTIONS)}")
         d = self.feature_dim
         self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
@@ -296,12 +313,7 @@ class RNAResNet18(nn.Module):
             in_planes = planes
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.classifier = nn.Linear(d, num_classes)
-        if projection == "mlp":
-            self.projection: nn.Module = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, proj_dim))
-        elif projection == "linear":
-            self.projection = nn.Linear(d, proj_dim, bias=False)
-        else:
-            self.projection = nn.Identity()
+        self.projection = rna_projection(d, projection, proj_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -371,6 +383,65 @@ class TorchvisionResNet(nn.Module):
         return self.classifier(feats).unsqueeze(0), feats.unsqueeze(0)
 
 
+def strip_bn_affine(module: nn.Module, keep: Callable[[str], bool] = lambda name: False) -> None:
+    """Removes γ, β from every BatchNorm2d of `module` whose qualified name `keep` refuses (the
+    running statistics stay): RNA's `register_parameter("weight", None)` on each BN."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.BatchNorm2d) and not keep(name):
+            m.register_parameter("weight", None)
+            m.register_parameter("bias", None)
+            m.affine = False
+
+
+class RNAImageNetResNet(TorchvisionResNet):
+    """RNA's ImageNet ResNet (RNA spec §2.1, the official `models/resnet_imagenet.py`):
+    torchvision's ResNet (v1.5) with γ, β removed from every BatchNorm, stem and downsample BNs
+    included; f_θ(x) = the GAP of layer4 after its last ReLU (2048-d for ResNet-50, 512-d for
+    ResNet-18), non-negative; the linear classifier W (with bias) on f_θ; h_φ on f_θ, used by
+    the loss only (`rna_projection`: D -> D -> proj_dim for "mlp", not normalised).
+
+    `shortcut_bn_affine` keeps γ, β on the downsample BNs (the CIFAR code's quirk, RNA spec A1;
+    the ImageNet code has them off). `pretrained` loads a torchvision state dict first: its
+    convolutions and BN running statistics are kept, its BN γ, β dropped (RNA has none).
+
+    forward(x) returns (logits [1, B, C], feats [1, B, D]); project(feats [..., D]) returns
+    h_φ(f) [..., proj_dim]."""
+
+    def __init__(self, num_classes: int, arch: str = "resnet50", pretrained: str | None = None,
+                 shortcut_bn_affine: bool = False, projection: str = "mlp", proj_dim: int = 128):
+        if projection not in PROJECTIONS:   # before the trunk is built (or loaded)
+            raise ValueError(f"projection={projection!r} is not one of {list(PROJECTIONS)}")
+        super().__init__(num_classes, arch, pretrained)
+        strip_bn_affine(self.trunk, keep=lambda name: shortcut_bn_affine and name.endswith("downsample.1"))
+        self.projection = rna_projection(self.feature_dim, projection, proj_dim)
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        """Returns h_φ(f) [..., proj_dim] (or f itself for projection="none"); not normalised."""
+        return self.projection(feats)
+
+
+class MultiHeadTorchvisionResNet(TorchvisionResNet):
+    """torchvision's ResNet with K linear heads on its one GAP feature (EAT's ImageNet model:
+    three `Linear(2048, C + A)` heads on a ResNet-50).
+
+    forward(x) returns (logits [K, B, C], feats [K, B, d]): one row of logits per head and the
+    same features repeated along the head axis, as `MultiHeadResNet32`."""
+
+    def __init__(self, num_classes: int, num_heads: int = 3, arch: str = "resnet50",
+                 pretrained: str | None = None):
+        if num_heads < 1:
+            raise ValueError(f"num_heads={num_heads}; accepted: an integer >= 1")
+        super().__init__(num_classes, arch, pretrained)
+        del self.classifier
+        self.num_experts = num_heads
+        self.heads = nn.ModuleList(nn.Linear(self.feature_dim, num_classes) for _ in range(num_heads))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.trunk(x)                                                # [B, d]
+        logits = torch.stack([head(feats) for head in self.heads])          # [K, B, C]
+        return logits, feats.unsqueeze(0).expand(len(self.heads), -1, -1)
+
+
 class LGLAResNet50(nn.Module):
     """LGLA's K-expert ImageNet ResNet (DARL spec §3.0, ImageNet-LT): torchvision's stem, layer1
     and layer2 shared; K copies of layer3 + layer4, one per expert (LGLA runs them as grouped
@@ -404,6 +475,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet50": partial(TorchvisionResNet, arch="resnet50"),
     "resnet152": partial(TorchvisionResNet, arch="resnet152"),
     "lgla_resnet50": LGLAResNet50,
+    "rna_resnet50": RNAImageNetResNet,
+    "resnet50_multihead": MultiHeadTorchvisionResNet,
     "resnet32": ResNet32,
     "resnet32_multihead": MultiHeadResNet32,
     "lgla_resnet32": LGLAResNet32,
@@ -424,7 +497,8 @@ def create(name: str, num_classes: int, **kwargs) -> nn.Module:
     resnet18_rna takes shortcut_bn_affine, projection="mlp"|"linear"|"none", proj_dim;
     resnet32_multihead takes num_heads; resnet18 / resnet50 / resnet152 (torchvision's) take
     pretrained (a state-dict file or "imagenet"); lgla_resnet50 takes num_experts, cos_scale,
-    arch, pretrained.
+    arch, pretrained; rna_resnet50 takes arch, pretrained, shortcut_bn_affine, projection,
+    proj_dim; resnet50_multihead takes num_heads, arch, pretrained.
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered models: {names()}")

@@ -33,6 +33,24 @@ Choices against the paper's code (`stage1.py` / `my_cl_loss_fn3` of the official
 - Test time: MSP on the stage-1 model. Stage 2 (PASCL-FT: BN + classifier fine-tuning with
   logit-adjusted CE) is not implemented; our ID accuracy is therefore the stage-1 model's.
 
+Large-scale setup (ImageNet-LT in the paper; the official `models/resnet_imagenet.py` and
+`stage1.py --ds imagenet`):
+- network: torchvision's ResNet-50 (`backbone=auto`; ResNet-152 on Places-LT, or `backbone=...`,
+  `pretrained=...`) with its linear classifier, and PASCL's head on the 2048-d GAP feature:
+  Linear(2048, 2048)-ReLU-Linear(2048, 128), L2-normalised (`PasclNetwork`);
+- loss: the same; λ2 = 0.1 and T = 0.07 (the code's defaults, which its ImageNet command keeps;
+  Places-LT, which PASCL never ran, takes them too), k = 0.4;
+- outliers: all of the outlier set (the code's ImageNet-Extra ImageFolder; `outlier_max_images`
+  None there), 1:1 with the ID batch;
+- inputs: the dataset's views (`large_lt.View`, ImageNet mean/std) for both ID views and the
+  outliers, crops at scale (0.2, 1) as the code's RandomResizedCrop; its colour jitter and
+  grayscale are not applied;
+- tail classes ranked by training count. The code takes labels >= round(0.6 C), which on the
+  count-sorted CIFAR builds is the same set; ImageNet-LT's labels are not sorted by count, so
+  there it picks the last 400 labels, not the 400 rarest classes;
+- the paper's ImageNet recipe (SGD, Nesterov, lr 0.1 · batch/256, weight decay 5e-5, steps at
+  epochs 60 and 80 of 100, batch 256) is not this config's default: set it with --set.
+
 Run one trial without Ray:  python -m trainables pascl --epochs 2 --data-dir DATA_DIR
 """
 from __future__ import annotations
@@ -44,8 +62,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainables import losses, models
-from trainables.config import FLAG, TrainConfig, integer, number, positive
+from trainables import large_lt, losses
+from trainables.config import FLAG, TrainConfig, fill_dataset_defaults, integer, number, positive
 from trainables.method import Batch, Method as BaseMethod, TrainData
 
 
@@ -59,7 +77,9 @@ class PasclConfig(TrainConfig):
     weight_decay: float = 5e-4
     batch_size: int = 256                # ID images per step; each gives two views
     warmup_epochs: int = 0
-    outlier_max_images: int | None = 30_000
+    # None -> the paper's: 30,000 on CIFAR (the code's first 30,000 of 300K; set 300000 for all of
+    # it), all of the set on the large ones (the code's ImageNet-Extra).
+    outlier_max_images: int | None = None
     ood_score: str = "msp"
     # Loss.
     lambda_oe: float = 0.5               # λ1, weight of L_OE
@@ -68,19 +88,26 @@ class PasclConfig(TrainConfig):
     tail_fraction: float = 0.4           # k: the bottom k of classes by count are the anchors
     head_negatives: bool = False         # True: head ID views join the denominator (not official)
     projection_dim: int = 128
+    crop_min_scale: float = 0.2          # large sets only: the ImageNet code's RandomResizedCrop scale
     ACCEPTS = {"lambda_oe": number(0), "lambda_pascl": number(0, none=True),
                "temperature": positive(none=True), "tail_fraction": number(0, 1, low_open=True),
                "head_negatives": FLAG, "projection_dim": integer(1)}
 
+    def __post_init__(self) -> None:
+        fill_dataset_defaults(self, {"outlier_max_images": (30_000, None)})
+        super().__post_init__()
 
-def default_lambda_pascl(num_classes: int) -> float:
-    """Returns PASCL's λ2: 0.1 for CIFAR-10, 0.02 for CIFAR-100 (README recipe)."""
-    return 0.1 if num_classes == 10 else 0.02
+
+def default_lambda_pascl(num_classes: int, dataset: str = "cifar10") -> float:
+    """Returns PASCL's λ2: 0.1 for CIFAR-10, 0.02 for CIFAR-100 (README recipe), 0.1 on the large
+    sets (the code's default, kept by its ImageNet command)."""
+    return 0.1 if num_classes == 10 or large_lt.is_large(dataset) else 0.02
 
 
-def default_temperature(num_classes: int) -> float:
-    """Returns PASCL's contrastive temperature T: 0.07 for CIFAR-10, 0.2 for CIFAR-100."""
-    return 0.07 if num_classes == 10 else 0.2
+def default_temperature(num_classes: int, dataset: str = "cifar10") -> float:
+    """Returns PASCL's contrastive temperature T: 0.07 for CIFAR-10, 0.2 for CIFAR-100, 0.07 on
+    the large sets (the code's default)."""
+    return 0.07 if num_classes == 10 or large_lt.is_large(dataset) else 0.2
 
 
 def tail_classes(counts: list[int], fraction: float) -> torch.Tensor:
@@ -120,20 +147,22 @@ def pascl_contrastive_loss(z: torch.Tensor, labels: torch.Tensor, anchor: torch.
     return per_anchor.mean()
 
 
-class PasclResNet32(nn.Module):
-    """CIFAR ResNet-32 with PASCL's projection head (Linear(64, 64)-ReLU-Linear(64, 128)).
+class PasclNetwork(nn.Module):
+    """A backbone with PASCL's projection head on its d-dim feature: Linear(d, d)-ReLU-Linear(d,
+    projection_dim). The CIFAR ResNet-32 (d = 64), or torchvision's ResNet on the large sets
+    (d = 2048 for ResNet-50, the official ImageNet head).
 
-    forward(x) keeps the model contract: (logits [1, B, C], feats [1, B, 64]); `project(feats)`
-    returns the L2-normalised projections [B, 128] used only by L_PASCL.
+    forward(x) keeps the model contract: (logits [1, B, C], feats [1, B, d]); `project(feats)`
+    returns the L2-normalised projections [B, projection_dim] used only by L_PASCL.
     """
 
     num_experts = 1
 
-    def __init__(self, num_classes: int, projection_dim: int = 128):
+    def __init__(self, backbone: nn.Module, feature_dim: int, projection_dim: int = 128):
         super().__init__()
-        self.backbone = models.create("resnet32", num_classes)
-        self.projection = nn.Sequential(nn.Linear(64, 64), nn.ReLU(inplace=True),
-                                        nn.Linear(64, projection_dim))
+        self.backbone = backbone
+        d = feature_dim
+        self.projection = nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, projection_dim))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.backbone(x)
@@ -149,18 +178,20 @@ class Method(BaseMethod):
     name = "pascl"
     summary = "baseline: PASCL stage 1 (Wang et al. 2022), ResNet-32 + projection, MSP"
     uses_outliers = True
+    large_scale = True   # torchvision's ResNet + the 2048-d head of the official ImageNet code
 
     def __init__(self, cfg: PasclConfig, counts: list[int], device: torch.device):
         super().__init__(cfg, counts, device)
         self.lambda_pascl = (cfg.lambda_pascl if cfg.lambda_pascl is not None
-                             else default_lambda_pascl(self.num_classes))
+                             else default_lambda_pascl(self.num_classes, cfg.dataset))
         self.temperature = (cfg.temperature if cfg.temperature is not None
-                            else default_temperature(self.num_classes))
+                            else default_temperature(self.num_classes, cfg.dataset))
         self.is_tail = tail_classes(counts, cfg.tail_fraction).to(device)
         self.train_x: torch.Tensor | None = None
 
     def build_model(self) -> torch.nn.Module:
-        return PasclResNet32(self.num_classes, self.cfg.projection_dim)
+        backbone = self.backbone("resnet32")
+        return PasclNetwork(backbone, backbone.feature_dim, self.cfg.projection_dim)
 
     def begin_training(self, data: TrainData) -> None:
         self.train_x = data.x        # uint8 training images, for the second view

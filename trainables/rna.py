@@ -2,7 +2,8 @@
 
 What is RNA's own:
 - the model: a CIFAR ResNet-18 with BN affine off, a linear classifier W and a projection head
-  h_φ used only by the loss (`models.RNAResNet18`, spec §2.1);
+  h_φ used only by the loss (`models.RNAResNet18`, spec §2.1); on the large sets the ImageNet
+  ResNet-50 of the same build (below);
 - the batch: ID rows and auxiliary outliers concatenated into ONE train-mode forward, so every
   BN normalises with, and updates its running statistics from, the union of both (§2.5, §2.6).
   Outlier rows get no loss term, but they are not detached: the ID loss reaches them through
@@ -10,8 +11,8 @@ What is RNA's own:
 - the loss: L = L_LA + λ · L_RNA, both batch means over the ID rows, with
   L_RNA = -mean log(1 + ||h_φ(f_θ(x))||_2) (Eqs. 2, 5, 8);
 - the test-time score: the representation norm ||f_θ(x)||_2 of the backbone features (§2.7);
-- the input pipeline: crop, flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p = 0.8, grayscale p = 0.2 for
-  ID and outliers alike, and NO mean/std normalisation, at training and test time (§4.2).
+- the input pipeline on CIFAR: crop, flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p = 0.8, grayscale
+  p = 0.2 for ID and outliers alike, and NO mean/std normalisation, at training and test time (§4.2).
 
 Sign convention: the paper's S_RN(x) = -||f_θ(x)||_2 is an OOD score (higher = more OOD);
 tailtune's confidences are higher for ID, so `confidence` returns +||f_θ(x)||_2. RNA makes ID
@@ -24,6 +25,25 @@ the official code drops it) and the engine draws outliers without replacement, c
 outlier set when it is smaller than an epoch's need. Identical to the code whenever the outlier
 set is at least as large as the ID set (300K Random Images on CIFAR-LT).
 
+Large-scale setup (ImageNet-LT, Places-LT; spec §2.1, §4.1, A6), the official ImageNet code's:
+- the network is `models.RNAImageNetResNet` on torchvision's ResNet-50 (`backbone=auto`; the
+  dataset's papers' trunk, ResNet-152 on Places-LT, or `backbone=...`): every BatchNorm, stem and
+  downsample included, without γ, β (bn_affine_shortcut resolves to False there); f_θ(x) is the
+  2048-d GAP of layer4 after its last ReLU; W = Linear(2048, C); h_φ = Linear(2048, 2048)-ReLU-
+  Linear(2048, 128) on f_θ; the RN score is ||f_θ(x)||_2 of those GAP features, as on CIFAR;
+- inputs are the dataset's views (`large_lt.View`, ImageNet mean/std, as the code), the random
+  crops at scale (0.2, 1) like the code's RandomResizedCrop(224, scale=(0.2, 1.0)); the code's
+  ColorJitter and RandomGrayscale are not applied there (the views are the dataset's, for every
+  method);
+- outliers: the run's outlier_set, forwarded with the ID rows as on CIFAR (ImageNet-Extra in the
+  paper);
+- BatchNorm: one trial trains on one device, so every BN normalises over the whole joint batch
+  (256 ID + 256 outliers at the paper's batch): the spec's single-GPU resolution of A6, where the
+  official code's DDP kept per-GPU statistics (36 + 36 rows each);
+- the paper's ImageNet recipe (SGD, Nesterov, momentum 0.9, lr 0.1, weight decay 5e-4, cosine
+  over 100 epochs, batch 256 + 256, no warm-up) is not this config's default, which stays the
+  CIFAR one: set it with --set.
+
 Run one trial without Ray:  python -m trainables rna --epochs 2 --data-dir DATA_DIR
 """
 from __future__ import annotations
@@ -34,7 +54,7 @@ import numpy as np
 import torch
 
 from trainables import augment, losses, models, scores
-from trainables.config import FLAG, TrainConfig, integer, number, one_of
+from trainables.config import Accepts, TrainConfig, fill_dataset_defaults, integer, number, one_of
 from trainables.method import Batch, Method as BaseMethod
 
 OOD_SCORES = ("rn", *scores.NAMES)
@@ -54,11 +74,19 @@ class RnaConfig(TrainConfig):
     ood_score: str = "rn"                # ||f_θ(x)||_2; also any of scores.NAMES
     lambda_rna: float = 0.5              # λ, weight of L_RNA (Eq. 8)
     tau_la: float = 1.0                  # τ, logit-adjustment scale (Eq. 2)
-    bn_affine_shortcut: bool = True      # official code: the 3 shortcut BNs keep γ, β (spec A1)
+    # Shortcut (downsample) BNs keep γ, β: None -> the official code's, True on CIFAR (its ResNet-18's
+    # 3 shortcut BNs, spec A1), False on the large sets (its ResNet-50 has every BN affine off).
+    bn_affine_shortcut: bool | None = None
     proj_type: str = "mlp"               # h_φ: mlp (paper) | linear (W_h) | none (||f||); Table 15
     proj_dim: int = 128
+    crop_min_scale: float = 0.2          # large sets only: the ImageNet code's RandomResizedCrop scale
     ACCEPTS = {"ood_score": one_of(*OOD_SCORES), "lambda_rna": number(0), "tau_la": number(0),
-               "bn_affine_shortcut": FLAG, "proj_type": one_of(*models.PROJECTIONS), "proj_dim": integer(1)}
+               "bn_affine_shortcut": Accepts("choice", choices=(True, False), none=True),
+               "proj_type": one_of(*models.PROJECTIONS), "proj_dim": integer(1)}
+
+    def __post_init__(self) -> None:
+        fill_dataset_defaults(self, {"bn_affine_shortcut": (True, False)})
+        super().__post_init__()
 
 
 def rna_loss(projected: torch.Tensor) -> torch.Tensor:
@@ -79,6 +107,7 @@ class Method(BaseMethod):
     summary = ("RNA: logit-adjusted CE + representation-norm amplification, outliers through BN "
                "only, ResNet-18, RN score")
     uses_outliers = True
+    large_scale = True   # RNA's ImageNet ResNet-50 (models.RNAImageNetResNet), the dataset's views
     augment_rule = ("random crop 32 with 4-px zero padding, horizontal flip p=0.5, ColorJitter(0.4, 0.4, "
                     "0.4, 0.1) p=0.8, grayscale p=0.2 (batched, torchvision tensor maths); ID and outliers")
     input_rule = "x / 255, no mean/std normalisation (RNA's CIFAR code)"
@@ -89,7 +118,11 @@ class Method(BaseMethod):
         self.prior_log = losses.log_prior(counts, device)     # log π_c, fixed before training
 
     def build_model(self) -> torch.nn.Module:
-        cfg = self.cfg
+        cfg, arch = self.cfg, self.backbone_name()
+        if arch is not None:   # the ImageNet network: torchvision's trunk, BN affine off, h_φ on its GAP
+            return models.create("rna_resnet50", self.num_classes, arch=arch, pretrained=cfg.pretrained,
+                                 shortcut_bn_affine=cfg.bn_affine_shortcut, projection=cfg.proj_type,
+                                 proj_dim=cfg.proj_dim)
         return models.create("resnet18_rna", self.num_classes, shortcut_bn_affine=cfg.bn_affine_shortcut,
                              projection=cfg.proj_type, proj_dim=cfg.proj_dim)
 
