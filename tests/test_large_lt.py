@@ -243,9 +243,10 @@ def test_ood_release_formats(tree, tmp_path):
         protocols.get("rna").sets_for("places-lt")
 
 
-@pytest.mark.parametrize("method", ["darl", "ricasso", "oe"])
+@pytest.mark.parametrize("method", ["darl", "ricasso", "oe", "rna", "pascl", "cocl"])
 def test_large_scale_methods_train_an_epoch(tree, tmp_path, method):
-    """LGLA's ResNet experts (darl, ricasso: 512-d features here) and outliers (oe) on the large views."""
+    """LGLA's ResNet experts (darl, ricasso: 512-d features here), outliers (oe) and the LT-OOD
+    methods' ImageNet networks (rna, pascl, cocl; eat at the end of this file) on the large views."""
     cls = registry.get(method)
     # 16-px views and MSP (no ODIN input gradients): a CPU shared with other jobs stays quick.
     cfg = cls.config_cls.from_dict(dict(
@@ -257,13 +258,16 @@ def test_large_scale_methods_train_an_epoch(tree, tmp_path, method):
     assert np.isfinite(out["train_loss"]) and 0 <= out["test_acc"] <= 1 and 0 <= out["test_auroc"] <= 1
 
 
-def test_method_without_large_setup_is_refused():
-    cfg = registry.get("rna").config_cls.from_dict({"dataset": "imagenet-lt"})
-    with pytest.raises(ValueError, match="method rna has no large-scale setup"):
-        registry.get("rna")(cfg, [3, 2], "cpu")
+def test_method_without_large_setup_is_refused(monkeypatch):
+    cifar_only = registry.get("ce")
+    monkeypatch.setattr(cifar_only, "large_scale", False)   # as a method whose network is CIFAR's
+    cfg = cifar_only.config_cls.from_dict({"dataset": "imagenet-lt"})
+    with pytest.raises(ValueError, match="method ce has no large-scale setup"):
+        cifar_only(cfg, [3, 2], "cpu")
     from search import run
-    with pytest.raises(run.UsageError, match="--dataset places-lt: method pascl has no large-scale setup"):
-        run.build_plan(run.parse_args(["pascl", "--dataset", "places-lt"]))
+    with pytest.raises(run.UsageError, match="--dataset places-lt: method ce has no large-scale setup"):
+        run.build_plan(run.parse_args(["ce", "--dataset", "places-lt"]))
+    monkeypatch.undo()
     with pytest.raises(run.UsageError, match="protocol 'rna' has no OOD sets for dataset places-lt; accepted "
                                              "for places-lt: open_sampling, cala, oltr, offline"):
         run.build_plan(run.parse_args(["ce", "--dataset", "places-lt", "--protocol", "rna"]))
@@ -325,3 +329,154 @@ def test_bench_writes_both_pipelines_and_their_ratio(tmp_path, capsys):
     assert result["ratio_ours_over_conventional"] == pytest.approx(
         result["ours_images_per_s"] / result["conventional_images_per_s"])
     assert "ratio ours/conventional" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- LT-OOD methods' ImageNet networks
+
+
+def large_method(name: str, counts: list[int], **values):
+    """Returns the method `name` built for imagenet-lt with `counts` (nothing is trained)."""
+    cls = registry.get(name)
+    return cls(cls.config_cls.from_dict({"dataset": "imagenet-lt", **values}), counts, "cpu")
+
+
+def bn_layers(model: torch.nn.Module) -> dict[str, torch.nn.BatchNorm2d]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+
+
+def test_rna_imagenet_network_is_the_specs(tmp_path):
+    """RNA spec §2.1 (ImageNet): torchvision's ResNet-50, every BN affine off, f = GAP of layer4
+    (2048-d, after the last ReLU), W and h_φ = 2048-2048-128 (not normalised) on f, RN = ||f||_2."""
+    from trainables import rna
+    assert (rna.RnaConfig().bn_affine_shortcut, rna.RnaConfig(dataset="imagenet-lt").bn_affine_shortcut) == (True, False)
+    torch.manual_seed(0)
+    method = large_method("rna", [8, 5, 3, 2])
+    assert method.backbone_name() == "resnet50"
+    model = method.build_model()
+    bns = bn_layers(model)
+    assert len(bns) == 53 and all(m.weight is None and m.bias is None for m in bns.values())
+    assert "trunk.bn1" in bns and "trunk.layer4.0.downsample.1" in bns
+    assert all(m.running_var is not None for m in bns.values())
+    head = model.projection
+    assert [type(m).__name__ for m in head] == ["Linear", "ReLU", "Linear"]
+    assert (head[0].in_features, head[0].out_features, head[2].out_features) == (2048, 2048, 128)
+    assert (model.classifier.in_features, model.classifier.out_features) == (2048, 4)
+    model.eval()
+    x = torch.randn(3, 3, 64, 64)
+    logits, feats = model(x)
+    t = model.trunk
+    by_hand = t.layer4(t.layer3(t.layer2(t.layer1(t.maxpool(t.relu(t.bn1(t.conv1(x))))))))
+    by_hand = by_hand.mean(dim=(2, 3))
+    assert feats.shape == (1, 3, 2048) and torch.allclose(feats[0], by_hand, atol=1e-5)
+    assert bool((feats >= 0).all())
+    assert torch.allclose(logits[0], feats[0] @ model.classifier.weight.T + model.classifier.bias, atol=1e-4)
+    h = model.project(feats[0])
+    assert h.shape == (3, 128) and not torch.allclose(h.norm(dim=1), torch.ones(3))
+    assert torch.allclose(method.confidence(model, x), by_hand.norm(dim=1), rtol=1e-5)
+    # The shortcut flag keeps γ, β on the downsample BNs only (4 of them in a ResNet-18).
+    kept = models.create("rna_resnet50", 4, arch="resnet18", shortcut_bn_affine=True)
+    affine = sorted(n for n, m in bn_layers(kept).items() if m.weight is not None)
+    assert affine == [f"trunk.layer{i}.0.downsample.1" for i in (2, 3, 4)]
+    # A torchvision state dict loads its convolutions and running statistics; γ, β are dropped.
+    import torchvision
+    source = torchvision.models.resnet18(weights=None)
+    source.layer1[0].bn1.running_mean.fill_(0.25)
+    torch.save(source.state_dict(), tmp_path / "r18.pt")
+    loaded = models.create("rna_resnet50", 4, arch="resnet18", pretrained=str(tmp_path / "r18.pt"))
+    assert torch.equal(loaded.trunk.conv1.weight, source.conv1.weight)
+    assert torch.equal(loaded.trunk.layer1[0].bn1.running_mean, source.layer1[0].bn1.running_mean)
+    assert loaded.trunk.layer1[0].bn1.weight is None
+
+
+def test_rna_large_loss_is_la_plus_rna_on_the_id_rows():
+    """One joint forward of ID + outliers through the ImageNet network; L = L_LA + λ L_RNA on the
+    ID rows (Eqs. 2, 5, 8), checked against the formulas on the same features."""
+    from trainables import losses
+    from trainables.method import Batch
+    torch.manual_seed(0)
+    method = large_method("rna", [8, 5, 3, 2], backbone="resnet18", image_size=16, image_store_side=20)
+    model = method.build_model().train()
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (10, 3, 20, 20), dtype=torch.uint8, generator=gen)
+    batch = Batch(method.train_transform(images[:6], gen), torch.tensor([0, 1, 2, 3, 0, 1]),
+                  x_out=method.train_transform(images[6:], gen))
+    assert batch.x.shape == (6, 3, 16, 16)   # the dataset's view, not RNA's 32-px CIFAR crop
+    loss, stats = method.loss(model, batch, np.random.RandomState(0))
+    with torch.no_grad():
+        logits, feats = model(torch.cat([batch.x, batch.x_out]))
+        la = losses.logit_adjusted_cross_entropy(logits[0][:6], batch.y, method.prior_log, 1.0)
+        l_rna = -torch.log1p(model.project(feats[0][:6]).norm(dim=1)).mean()
+    assert float(stats["loss_rna"]) == pytest.approx(float(l_rna), rel=1e-5)
+    assert loss.item() == pytest.approx(float(la + 0.5 * l_rna), rel=1e-5)
+    assert float(stats["feat_norm_id"]) == pytest.approx(float(feats[0][:6].norm(dim=1).mean()), rel=1e-5)
+
+
+def test_pascl_large_network_and_defaults():
+    """PASCL's ImageNet head on the trunk's feature (d-d-128, L2-normalised), the code's λ2 and T,
+    all of the outlier set, and a second view at the dataset's view size."""
+    from trainables import pascl
+    from trainables.method import TrainData
+    method = large_method("pascl", [8, 5, 3, 2], backbone="resnet18", image_size=16, image_store_side=20)
+    assert (method.lambda_pascl, method.temperature, method.cfg.outlier_max_images) == (0.1, 0.07, None)
+    assert pascl.PasclConfig().outlier_max_images == 30_000
+    assert pascl.PasclConfig(dataset="cifar100", outlier_max_images=300_000).outlier_max_images == 300_000
+    model = method.build_model()
+    head = model.projection
+    assert (head[0].in_features, head[0].out_features, head[2].in_features, head[2].out_features) == (512, 512, 512, 128)
+    _, feats = model(torch.randn(2, 3, 16, 16))
+    assert model.project(feats[0]).norm(dim=1).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    images = torch.randint(0, 256, (4, 3, 20, 20), dtype=torch.uint8)
+    method.begin_training(TrainData(images, torch.arange(4), images[:0], torch.arange(0)))
+    view = method.second_view(torch.tensor([0, 2]), np.random.RandomState(0))
+    # The dataset's view (crops at PASCL's ImageNet scale 0.2), on the step's generator.
+    gen = torch.Generator().manual_seed(int(np.random.RandomState(0).randint(2**31 - 1)))
+    assert view.shape == (2, 3, 16, 16)
+    assert torch.equal(view, large_lt.View(16, 0.2).train(images[[0, 2]], gen))
+
+
+def test_cocl_large_heads_and_weights():
+    """COCL's ImageNet model: C + 1 outputs, round(0.4 C) tail prototypes of the feature's width
+    (400 x d on 1000 classes), the ImageNet loss weights; OLC and the score at the view size."""
+    from trainables import cocl
+    assert (cocl.CoclConfig().lambda_ocl, cocl.CoclConfig().lambda_head) == (0.05, 0.1)
+    counts = list(range(1000, 0, -1))
+    method = large_method("cocl", counts, backbone="resnet18")
+    assert (method.cfg.lambda_ocl, method.cfg.lambda_tail, method.cfg.lambda_head) == (0.02, 0.01, 0.01)
+    model = method.build_model()
+    assert model.backbone.classifier.out_features == 1001 and model.prototypes.shape == (400, 512)
+    assert int(method.is_head.sum()) == 401 and bool(method.is_tail[600:].all()) and not method.is_tail[:600].any()
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert method.logits(model, x).shape == (2, 1000)
+    z = model(x)[0][0]
+    prior = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+    shift = torch.cat([prior.log(), torch.zeros(1, dtype=torch.float64)]).float()   # OLC: the outlier class unshifted
+    conf = method.confidence(model, x)
+    assert conf.shape == (2,) and torch.allclose(conf, -(z - shift).softmax(-1)[:, -1], atol=1e-6)
+
+
+def test_eat_large_abstention_classes_and_split(tree, tmp_path):
+    """EAT's ImageNet setting: A = 30 abstention classes (--odc 30), three heads of C + A outputs
+    on the trunk's feature, head and tail the frequent and rare halves; an epoch on the views."""
+    from trainables import eat
+    assert (eat.EatConfig().abstention_ratio, eat.EatConfig().head_fraction) == (0.3, 0.4)
+    counts = list(range(1000, 0, -1))
+    method = large_method("eat", counts, backbone="resnet18")
+    assert method.num_abstention == 30 and int(method.is_head.sum()) == 500 and int(method.is_tail.sum()) == 500
+    places = registry.get("eat")(eat.EatConfig(dataset="places-lt"), list(range(365, 0, -1)), "cpu")
+    assert places.num_abstention == 30
+    model = method.build_model()
+    assert len(model.heads) == 3 and all((h.in_features, h.out_features) == (512, 1030) for h in model.heads)
+    logits, feats = model(torch.randn(2, 3, 16, 16))
+    assert logits.shape == (3, 2, 1030) and feats.shape == (3, 2, 512)
+    # An epoch on the tiny tree (4 classes: a ratio that gives 2 abstention classes); the tail
+    # boxes are pasted at the 16-px view size.
+    cls = registry.get("eat")
+    cfg = cls.config_cls.from_dict(dict(
+        dataset="imagenet-lt", image_store_side=SIDE, image_size=16, ood_score="abstention", backbone="resnet18",
+        data_dir=tree, cache_dir=str(tmp_path), download=False, val_per_class=1, epochs=1, batch_size=6,
+        eval_batch_size=8, val_ood=("rademacher",), val_ood_size=8, warmup_epochs=0, lr=0.001,
+        outlier_set="gaussian", outlier_max_images=12, abstention_ratio=0.5))
+    out = engine.fit(cls, cfg, engine.LocalReporter(str(tmp_path / "run")))
+    assert np.isfinite(out["train_loss"]) and 0 <= out["test_acc"] <= 1 and 0 <= out["test_auroc"] <= 1
+    assert out["pasted_rows"] >= 0
