@@ -60,8 +60,8 @@ Large-scale setup (ImageNet-LT in the paper; the official `models/our_resnet_ima
   grayscale are not applied. The paste boxes follow the view size (224 px at the default);
 - outliers: all of the outlier set (the code's ImageNet-Extra ImageFolder), 1:1;
 - the paper's ImageNet recipe (SGD, Nesterov, lr 0.1 · batch/256, weight decay 5e-5, steps at
-  epochs 60 and 80, 60 epochs per `-e 60`, batch 128) is not this config's default: set it with
-  --set.
+  epochs 60 and 80, batch 128, 60 epochs: its command passes `--epochs 100` and then `-e 60`,
+  and the last wins) is not this config's default: set it with --set.
 
 Run one trial without Ray:  python -m trainables eat --epochs 2 --data-dir DATA_DIR
 """
@@ -98,8 +98,8 @@ class EatConfig(TrainConfig):
     ood_score: str = "abstention"        # -Σ_k Σ_a softmax(z_k)_{C+a}; also msp | energy | max_logit
     lambda_cutmix: float = 0.05          # Λ0, weight of the pasted rows' CE
     lambda_ood: float = 0.05             # Λ1, weight of the outliers' abstention CE
-    # None below -> the paper's for the dataset (CIFAR / large sets, see the module docstring).
-    abstention_ratio: float | None = None   # A = round(ratio · C): 0.3 (3 on CIFAR-10, 30 on CIFAR-100); 30 / C
+    # None below -> the paper's for the dataset, CIFAR / large sets (see the module docstring).
+    abstention_ratio: float | None = None   # A = round(ratio · C); 0.3 (3 / 30 on CIFAR-10 / 100) / 30 / C
     num_heads: int = 3                   # linear heads on the shared feature
     head_fraction: float | None = None   # contexts: the round(f C) most frequent classes; 0.4 / 0.5
     tail_fraction: float | None = None   # pasted: the bottom C - round((1 - f) C) classes; 0.4 / 0.5
