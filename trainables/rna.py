@@ -39,7 +39,7 @@ Large-scale setup (ImageNet-LT, Places-LT; spec §2.1, §4.1, A6), the official 
   paper);
 - BatchNorm: one trial trains on one device, so every BN normalises over the whole joint batch
   (256 ID + 256 outliers at the paper's batch): the spec's single-GPU resolution of A6, where the
-  official code's DDP kept per-GPU statistics (36 + 36 rows each);
+  official code's DDP kept per-GPU statistics over each GPU's slice of the batch;
 - the paper's ImageNet recipe (SGD, Nesterov, momentum 0.9, lr 0.1, weight decay 5e-4, cosine
   over 100 epochs, batch 256 + 256, no warm-up) is not this config's default, which stays the
   CIFAR one: set it with --set.
