@@ -59,9 +59,10 @@ Large-scale setup (ImageNet-LT in the paper; the official `models/our_resnet_ima
   outliers, crops at scale (0.2, 1) as the code's RandomResizedCrop; its colour jitter and
   grayscale are not applied. The paste boxes follow the view size (224 px at the default);
 - outliers: all of the outlier set (the code's ImageNet-Extra ImageFolder), 1:1;
-- the paper's ImageNet recipe (SGD, Nesterov, lr 0.1 · batch/256, weight decay 5e-5, steps at
-  epochs 60 and 80, batch 128, 60 epochs: its command passes `--epochs 100` and then `-e 60`,
-  and the last wins) is not this config's default: set it with --set.
+- the paper's ImageNet recipe (SGD, Nesterov, lr 0.1 · batch/256 = 0.05 at its batch 128,
+  weight decay 5e-5, 60 epochs: its command passes `--epochs 100` and then `-e 60`, and the last
+  wins, so its step milestones 60 and 80 never fire) is not this config's default: set it with
+  --set.
 
 Run one trial without Ray:  python -m trainables eat --epochs 2 --data-dir DATA_DIR
 """
