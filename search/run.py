@@ -68,7 +68,7 @@ def preset_budget(preset: str, recipe: recipes.Recipe | None = None) -> dict:
     recipe, `paper` runs the recipe's own epochs and `small` at most its 30; ASHA's grace is 40%
     of them, on a validated epoch, as on CIFAR (30 -> 12, 200 -> 80)."""
     budget = dict(PRESETS[preset])
-    if recipe is not None:
+    if recipe is not None and preset in RECIPE_PRESETS:
         full = recipe.values["epochs"]
         epochs = full if preset == "paper" else min(budget["epochs"], full)
         budget.update(epochs=epochs, grace_period=asha_grace(epochs, budget["config"]["eval_every"]))
