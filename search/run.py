@@ -249,9 +249,9 @@ def list_methods() -> None:
         v = recipe.values
         schedule = "cosine" if v["lr_schedule"] == "cosine" else "steps " + ",".join(
             f"{m * v['epochs']:g}" for m in v["lr_milestones"])
-        print(f"  {recipe.name:<24} {v['backbone']}{' (pretrained)' if recipe.needs_pretrained else ''}, "
+        print(f"  {recipe.name:<23} {v['backbone']}{' pretrained' if recipe.needs_pretrained else ''}, "
               f"{v['epochs']} epochs, batch {v['batch_size']}, {v['optimizer']} {v['lr']:g}, "
-              f"wd {v['weight_decay']:g}, {schedule}")
+              f"wd {v['weight_decay']:.0e}, {schedule}".replace("e-0", "e-"))
 
 
 def dataset_tag(dataset: str, ir: float) -> str:
