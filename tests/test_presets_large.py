@@ -158,3 +158,12 @@ def test_list_shows_the_recipes_in_100_columns(capsys):
     assert rows[0].split() == ["darl/imagenet-lt", "resnet50,", "180", "epochs,", "batch", "64,", "sgd",
                                "0.025,", "wd", "5e-4,", "cosine"]
     assert any(r.split()[0] == "cala/places-lt" and "resnet152 pretrained," in r for r in rows)
+
+
+def test_ricassos_one_tau_follows_lglas_per_set_value():
+    # RICASSO writes one τ for Eqs. 1 and 6: its searched energy temperature starts at τ_G.
+    for dataset, tau in (("imagenet-lt", 2.8), ("places-lt", 2.4)):
+        space = run.paper_space("ricasso", dataset, recipes.get("ricasso", dataset))
+        assert space.paper_point["tau_energy"] == tau
+        assert run.paper_space("darl", dataset, recipes.get("darl", dataset)).paper_point["tau_energy"] == 8.0
+    assert run.paper_space("ricasso", "cifar10").paper_point["tau_energy"] == 3.0

@@ -55,18 +55,25 @@ class Recipe:
         return f"{self.name}: {self.source}" + (f"; {self.note}" if self.note else "")
 
 
+def _lgla_tau(method: str, tau_gla: float) -> dict[str, float]:
+    """Returns LGLA's τ_G for the set; RICASSO writes one τ for Eqs. 1 and 6, so its energy
+    temperature (searched, paper point = τ_G) takes the same value. DARL's τ is its own (8)."""
+    return {"tau_gla": tau_gla, **({"tau_energy": tau_gla} if method == "ricasso" else {})}
+
+
 def _lgla_imagenet(method: str) -> Recipe:
     return Recipe(method, "imagenet-lt", {
         "epochs": 180, "batch_size": 64, "optimizer": "sgd", "lr": 0.025, "momentum": 0.9, "nesterov": True,
         "weight_decay": 5e-4, "lr_schedule": "cosine", "warmup_epochs": 0, "image_size": 224,
-        "crop_min_scale": 0.08, "backbone": "resnet50", "tau_gla": 2.8}, _LGLA_IMAGENET, _LGLA_IMAGENET_NOTE)
+        "crop_min_scale": 0.08, "backbone": "resnet50", **_lgla_tau(method, 2.8)}, _LGLA_IMAGENET,
+        _LGLA_IMAGENET_NOTE)
 
 
 def _lgla_places(method: str) -> Recipe:
     return Recipe(method, "places-lt", {
         "epochs": 30, "batch_size": 128, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": True,
         "weight_decay": 4e-4, "lr_schedule": "step", "lr_milestones": (1 / 3, 2 / 3), "warmup_epochs": 0,
-        "image_size": 224, "crop_min_scale": 0.08, "backbone": "resnet152", "tau_gla": 2.4},
+        "image_size": 224, "crop_min_scale": 0.08, "backbone": "resnet152", **_lgla_tau(method, 2.4)},
         _LGLA_PLACES, _LGLA_PLACES_NOTE, needs_pretrained=True)
 
 
