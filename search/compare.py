@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import spaces  # noqa: E402
+from search.run import paper_space  # noqa: E402
 from trainables import engine, registry  # noqa: E402
 
 OFFLINE_TEST_OOD = ("cifar100", "tin", "textures", "mnist", "fashion_mnist")
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     shared.update(engine.parse_settings(p, args.set))
     try:   # every method's config is checked before the first one trains
         configs = [(registry.get(name), name) for name in args.methods.split(",")]
-        configs = [(m, m.config_cls.from_dict({**shared, **spaces.get(name).paper_point}), name)
+        dataset = shared.get("dataset", "cifar10")   # each method at its paper point on this set (CALA's K)
+        configs = [(m, m.config_cls.from_dict({**shared, **paper_space(name, dataset).paper_point}), name)
                    for m, name in configs]
     except (TypeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

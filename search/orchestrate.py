@@ -188,6 +188,8 @@ def _start(plan: dict, record: dict[str, str], args: argparse.Namespace, uri: st
     tags = {"tailtune.method": method, "tailtune.search": name}
     if "data_rule" in record:   # how the large sets' images were stored (trainables.large_lt)
         tags["tailtune.data_rule"] = record["data_rule"]
+    if full_config.get("recipe"):   # the large-set recipe the preset applied (trainables.recipes)
+        tags["tailtune.recipe"] = full_config["recipe"]
     parent = client.create_run(experiment_id, run_name=name, tags=tags)
     parent_ids.append(parent.info.run_id)
     client.log_batch(parent.info.run_id, params=tracking.as_params({

@@ -25,11 +25,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import spaces  # noqa: E402
-from search.run import (PRESETS, UsageError, check_tracking_uri, check_writable_folder,  # noqa: E402
-                        dataset_tag, preset_config)
-from trainables import data, engine, papers, protocols, registry  # noqa: E402
-from trainables.config import default_test_ood  # noqa: E402
+from search.run import (PRESETS, UsageError, check_pretrained, check_tracking_uri,  # noqa: E402
+                        check_writable_folder, dataset_tag, paper_space, preset_budget, preset_config)
+from trainables import data, engine, papers, protocols, recipes, registry  # noqa: E402
+from trainables.config import LARGE_DATASETS, default_test_ood  # noqa: E402
 
 STATE_FILE = "reproduction.json"
 CHECKPOINT_RULE = "final epoch (as the papers report; nothing is selected)"
@@ -40,7 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="search/reproduce.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("method", nargs="?", help=f"method to reproduce: {', '.join(papers.methods())}")
-    p.add_argument("--dataset", default="cifar10", help="cifar10 | cifar100 (long-tailed, IR 100)")
+    p.add_argument("--dataset", default="cifar10",
+                   help=f"cifar10 | cifar100 (long-tailed, IR 100) | {' | '.join(LARGE_DATASETS)} (the paper's "
+                        "recipe, trainables.recipes)")
     p.add_argument("--seeds", type=int, help="number of seeds (default: the paper's run count, else 3)")
     p.add_argument("--seed-list", help="comma-separated training seeds, e.g. 0,1,2 (instead of --seeds)")
     p.add_argument("--epochs", type=int, help="epochs per seed (default: the method's paper schedule; "
@@ -118,9 +119,11 @@ def describe(plan: dict, record: dict[str, str]) -> list[str]:
              f"ours:       {plan['method']} at {plan['params_from']}, seeds {','.join(map(str, plan['seeds']))}, "
              f"{cfg['epochs']} epochs, {cfg['precision']}",
              f"split:      {record['train_size']} training images, n_max {record['n_max']} ({record['lt_rule']}); "
-             f"validation {record['val_size']} images (per class {record['val_counts']})",
+             f"validation {record['val_size']} images"
+             + (f" (per class {record['val_counts']})" if "val_counts" in record else ""),
              f"protocol:   {protocol.name}: {protocol.title}; OOD average over {record['ood_sets_covered']}"
              + ("" if record["ood_sets_missing"] == "-" else f" (partial: missing {record['ood_sets_missing']})"),
+             *([f"recipe:     {cfg['recipe']}"] if cfg.get("recipe") else []),
              f"checkpoint: {CHECKPOINT_RULE}",
              "FPR95 and AUPR rows name their convention; values in %, diff = ours - paper"]
     if protocol.name != entry.protocol:
@@ -165,6 +168,9 @@ def build_plan(args: argparse.Namespace, searched: dict | None = None) -> dict:
         entry = papers.get(args.method, args.dataset)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.dataset in LARGE_DATASETS and not method_cls.large_scale:
+        raise UsageError(f"--dataset {args.dataset}: method {args.method} has no large-scale setup (its network "
+                         f"and views are CIFAR's); expected cifar10 or cifar100")
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; expected one of: {', '.join(PRESETS)}")
     if args.precision not in PRECISIONS:
@@ -182,14 +188,20 @@ def build_plan(args: argparse.Namespace, searched: dict | None = None) -> dict:
         raise UsageError(f"--protocol {name}: {e}") from None
     preset = PRESETS[args.preset]
     defaults = method_cls.config_cls()
-    epochs = args.epochs or (defaults.epochs if args.preset == "paper" else preset["epochs"])
-    point = {**spaces.get(args.method).paper_point, **(searched or {})}
-    config = {**preset_config(args.preset, method_cls, entry.imbalance_ratio), **point,
+    # On a large set the paper point trains with the paper's recipe, whatever the preset's budget.
+    recipe = recipes.get(args.method, args.dataset)
+    if recipe is not None:
+        epochs = args.epochs or preset_budget(args.preset, recipe)["epochs"]
+    else:
+        epochs = args.epochs or (defaults.epochs if args.preset == "paper" else preset["epochs"])
+    point = {**paper_space(args.method, args.dataset, recipe).paper_point, **(searched or {})}
+    config = {**preset_config(args.preset, method_cls, entry.imbalance_ratio, recipe), **point,
               "dataset": args.dataset, "imbalance_ratio": entry.imbalance_ratio,
-              # The papers' split: nothing held out of training before the LT build.
-              "val_source": "unused", "protocol": protocol.name, "allow_missing_ood": args.allow_missing_ood,
+              "protocol": protocol.name, "allow_missing_ood": args.allow_missing_ood,
               "data_dir": os.path.abspath(args.data_dir) if args.data_dir else None,
               "download": not args.no_download, "epochs": epochs, "precision": args.precision}
+    if args.dataset not in LARGE_DATASETS:   # the papers' CIFAR split: nothing held out before the LT build
+        config["val_source"] = "unused"
     if args.cache_dir:
         config["cache_dir"] = os.path.abspath(args.cache_dir)
     if protocol.name == "offline":   # the offline sets, the other CIFAR as near-OOD (as search/run.py)
@@ -203,6 +215,7 @@ def build_plan(args: argparse.Namespace, searched: dict | None = None) -> dict:
         if key in ("seed", "epochs", "protocol", "precision", "dataset"):
             raise UsageError(f"--set {key}: use --{'seed-list' if key == 'seed' else key}")
         config[key] = engine.parse_value(text)
+    check_pretrained(recipe, config, f"--dataset {args.dataset}")
     seeds = seeds_of(args, entry, defaults.seed)
     try:
         method_cls.config_cls.from_dict({**config, "seed": seeds[0]})

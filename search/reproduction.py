@@ -79,8 +79,10 @@ def _start(plan: dict, record: dict[str, str], args: argparse.Namespace, uri: st
                     "reproduce.params_from": plan["params_from"], "reproduce.paper_source": entry.source,
                     "reproduce.paper_protocol": entry.protocol, "reproduce.paper_runs": entry.runs or "not stated",
                     "reproduce.checkpoint_rule": CHECKPOINT_RULE}
-    parent = client.create_run(experiment_id, run_name=name, tags={
-        "tailtune.method": method, KIND_TAG: "reproduction", "tailtune.reproduction": name})
+    tags = {"tailtune.method": method, KIND_TAG: "reproduction", "tailtune.reproduction": name}
+    if full.get("recipe"):   # the large-set recipe trained (trainables.recipes)
+        tags["tailtune.recipe"] = full["recipe"]
+    parent = client.create_run(experiment_id, run_name=name, tags=tags)
     parent_ids.append(parent.info.run_id)
     client.log_batch(parent.info.run_id, params=tracking.as_params(fixed_params))
     header = describe(plan, record)

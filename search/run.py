@@ -21,7 +21,7 @@ from datetime import datetime
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import spaces  # noqa: E402
-from trainables import data, engine, ood_sets, protocols, registry  # noqa: E402
+from trainables import data, engine, ood_sets, protocols, recipes, registry  # noqa: E402
 from trainables.config import DEFAULT_VAL_OOD, LARGE_DATASETS, default_test_ood  # noqa: E402
 
 # Each preset is a budget: trials, epochs, ASHA rungs, concurrency, and config overrides.
@@ -45,11 +45,45 @@ PRESETS = {
 }
 
 
-def preset_config(preset: str, method_cls: type, imbalance_ratio: float) -> dict:
-    """Returns the preset's config overrides for this method. The smoke preset's tiny n_max
+# On a large set, these presets train the method's paper recipe (trainables.recipes): `paper` its
+# whole schedule, `small` CIFAR small's 30-epoch proxy of it. The smoke preset stays a tiny check
+# of every stage, with no recipe.
+RECIPE_PRESETS = ("small", "paper")
+
+
+def recipe_for(preset: str, method: str, dataset: str) -> recipes.Recipe | None:
+    """Returns the large-set recipe a preset applies, or None (CIFAR, the smoke preset, or no
+    recipe in the specs for this method and set)."""
+    return recipes.get(method, dataset) if preset in RECIPE_PRESETS else None
+
+
+def asha_grace(epochs: int, eval_every: int) -> int:
+    """Returns ASHA's grace period: 40% of `epochs` (the spec's rule, DARL §4.2) rounded to a
+    multiple of `eval_every` (at least one), so its rungs fall on validated epochs."""
+    return eval_every * max(1, round(0.4 * epochs / eval_every))
+
+
+def preset_budget(preset: str, recipe: recipes.Recipe | None = None) -> dict:
+    """Returns the preset's budget (trials, epochs, ASHA, concurrency, config overrides). With a
+    recipe, `paper` runs the recipe's own epochs and `small` at most its 30; ASHA's grace is 40%
+    of them, on a validated epoch, as on CIFAR (30 -> 12, 200 -> 80)."""
+    budget = dict(PRESETS[preset])
+    if recipe is not None and preset in RECIPE_PRESETS:
+        full = recipe.values["epochs"]
+        epochs = full if preset == "paper" else min(budget["epochs"], full)
+        budget.update(epochs=epochs, grace_period=asha_grace(epochs, budget["config"]["eval_every"]))
+    return budget
+
+
+def preset_config(preset: str, method_cls: type, imbalance_ratio: float,
+                  recipe: recipes.Recipe | None = None) -> dict:
+    """Returns the preset's config overrides for this method: the recipe's fields (if any, with
+    the `recipe` record), then the preset's own, which win. The smoke preset's tiny n_max
     leaves its tail class n_max / IR images; a method that needs more per class (CALA: 2) gets
     the smallest n_max that keeps them (logged with the config like every other field)."""
     config = dict(PRESETS[preset]["config"])
+    if recipe is not None:
+        config = {**recipe.values, "recipe": recipe.describe(), **config}
     floor = method_cls.min_train_per_class
     if config.get("n_max") is not None and config["n_max"] / imbalance_ratio < floor:
         config["n_max"] = int(math.ceil(floor * imbalance_ratio))
@@ -209,6 +243,15 @@ def list_methods() -> None:
           "epoch, over:")
     for name, grid in posthoc.GRIDS.items():
         print(f"  {name:<7} " + " x ".join(f"{field} {list(values)}" for field, values in grid.items()))
+    print(f"\nLarge-set recipes (--preset {' / '.join(RECIPE_PRESETS)} on that --dataset; sources in "
+          f"trainables/recipes.py):")
+    for recipe in recipes.RECIPES:
+        v = recipe.values
+        schedule = "cosine" if v["lr_schedule"] == "cosine" else "steps " + ",".join(
+            f"{m * v['epochs']:g}" for m in v["lr_milestones"])
+        print(f"  {recipe.name:<23} {v['backbone']}{' pretrained' if recipe.needs_pretrained else ''}, "
+              f"{v['epochs']} epochs, batch {v['batch_size']}, {v['optimizer']} {v['lr']:g}, "
+              f"wd {v['weight_decay']:.0e}, {schedule}".replace("e-0", "e-"))
 
 
 def dataset_tag(dataset: str, ir: float) -> str:
@@ -223,7 +266,7 @@ def build_plan(args: argparse.Namespace) -> dict:
         raise UsageError(f"no method given; expected one of: {', '.join(registry.names())}")
     try:
         method_cls = registry.get(args.method)
-        space = spaces.get(args.method)
+        spaces.get(args.method)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.preset not in PRESETS:
@@ -237,10 +280,13 @@ def build_plan(args: argparse.Namespace) -> dict:
                          f"and views are CIFAR's); expected cifar10 or cifar100")
     if args.imbalance_ratio not in (10, 50, 100):
         raise UsageError(f"--imbalance-ratio {args.imbalance_ratio:g}: expected 10, 50 or 100")
-    preset = PRESETS[args.preset]
+    recipe = recipe_for(args.preset, args.method, args.dataset)
+    preset = preset_budget(args.preset, recipe)
     budget = {k: getattr(args, k) if getattr(args, k) is not None else preset[k]
               for k in ("trials", "epochs", "grace_period", "reduction_factor", "max_concurrent",
                         "cpus_per_trial")}
+    if recipe is not None and args.grace_period is None:   # --epochs shortens the recipe: so does grace
+        budget["grace_period"] = asha_grace(budget["epochs"], preset["config"]["eval_every"])
     for key in ("trials", "epochs", "grace_period", "max_concurrent"):
         if budget[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')} {budget[key]}: expected an integer >= 1")
@@ -253,7 +299,9 @@ def build_plan(args: argparse.Namespace) -> dict:
     if args.gpus_per_trial is not None and not 0 <= args.gpus_per_trial <= 8:
         raise UsageError(f"--gpus-per-trial {args.gpus_per_trial:g}: expected a number in [0, 8]")
 
-    config = {**preset_config(args.preset, method_cls, args.imbalance_ratio), "dataset": args.dataset, "imbalance_ratio": args.imbalance_ratio,
+    space = paper_space(args.method, args.dataset, recipe)
+    config = {**preset_config(args.preset, method_cls, args.imbalance_ratio, recipe),
+              "dataset": args.dataset, "imbalance_ratio": args.imbalance_ratio,
               "data_dir": os.path.abspath(args.data_dir) if args.data_dir else None,
               "download": not args.no_download, "epochs": budget["epochs"], "seed": args.seed}
     if args.cache_dir:
@@ -299,12 +347,47 @@ def build_plan(args: argparse.Namespace) -> dict:
             space = spaces.override(space, name, text)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    check_pretrained(recipe, config, f"--dataset {args.dataset} --preset {args.preset}")
     try:
         method_cls.config_cls.from_dict({**config, **space.paper_point})
     except (TypeError, ValueError) as e:
         raise UsageError(f"bad config: {e}") from None
     return {"method": args.method, "budget": budget, "config": config, "space": space,
             "sampler": args.sampler, "seed": args.seed, "preset": args.preset}
+
+
+def paper_space(method: str, dataset: str, recipe: recipes.Recipe | None = None) -> spaces.Space:
+    """Returns the method's search space with its paper point on `dataset`: a searched field the
+    config fills per data set (CALA's K: 40 on CIFAR-10, 80 on CIFAR-100) or the recipe sets (its
+    learning rate) moves the point, and a log-uniform range with it (spaces.moved)."""
+    values = dict(getattr(registry.get(method).config_cls, "DATASET_DEFAULTS", {}).get(dataset, {}))
+    if recipe is not None:
+        values.update(recipe.values)
+    try:
+        return spaces.moved(spaces.get(method), values)
+    except ValueError as e:
+        raise UsageError(f"{method} on {dataset}: {e}") from None
+
+
+def check_pretrained(recipe: recipes.Recipe | None, config: dict, where: str) -> None:
+    """Raises UsageError (one line) if the recipe fine-tunes ImageNet weights and none were given."""
+    if recipe is None or not recipe.needs_pretrained or config.get("pretrained"):
+        return
+    arch = config.get("backbone", "auto")
+    raise UsageError(f"{where}: the {recipe.name} recipe fine-tunes an ImageNet-pretrained {arch}, but no "
+                     f"weights were given; expected --set pretrained=FILE (a torchvision {arch} state dict) "
+                     f"or --set pretrained=imagenet (torchvision's, downloaded)")
+
+
+def recipe_line(plan: dict) -> str | None:
+    """Returns the line saying which large-set recipe the search trains (or that none exists)."""
+    config = plan["config"]
+    if config.get("recipe"):
+        return f"recipe {config['recipe']}"
+    if config["dataset"] in LARGE_DATASETS and plan["preset"] in RECIPE_PRESETS:
+        return (f"recipe: none for {plan['method']} on {config['dataset']} in the specs; the method's "
+                f"defaults apply (set the schedule with --set)")
+    return None
 
 
 def check_data_and_space(plan: dict) -> dict[str, str]:
@@ -343,8 +426,10 @@ def main(argv: list[str] | None = None) -> int:
             line = (f"protocol {record['protocol']}: {record['protocol_title']}; OOD average over "
                     f"{record['ood_sets_covered']}" + (f" (partial: missing {record['ood_sets_missing']})"
                                                        if record["ood_sets_missing"] != "-" else ""))
-            print("\n".join(textwrap.wrap(line, 100, subsequent_indent="  ", break_long_words=False,
-                                           break_on_hyphens=False)), flush=True)
+            for line in (line, recipe_line(plan)):
+                if line:
+                    print("\n".join(textwrap.wrap(line, 100, subsequent_indent="  ", break_long_words=False,
+                                                   break_on_hyphens=False)), flush=True)
             state, path = None, None
     except (UsageError, data.MissingDataError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -72,4 +72,24 @@ def override(space: Space, name: str, text: str) -> Space:
     return Space(distributions, point)
 
 
-__all__ = ["Space", "get", "describe", "override", "FloatDistribution"]
+def moved(space: Space, values: dict[str, object]) -> Space:
+    """Returns `space` with its paper point at `values` for the searched parameters they name: a
+    data set's own default (CALA's K on CIFAR-100) or a large-set recipe's value (its learning
+    rate). A log-uniform range moves with its point, keeping its ratios to it (the CIFAR lr range
+    0.02-0.2 around 0.1 becomes 0.005-0.05 around a recipe's 0.025); any other range must already
+    hold the new point (ValueError, one line, if not)."""
+    distributions, point = dict(space.distributions), dict(space.paper_point)
+    for name, value in values.items():
+        dist = distributions.get(name)
+        if dist is None or point.get(name) == value:
+            continue
+        if isinstance(dist, FloatDistribution) and dist.log and isinstance(value, (int, float)) and value > 0:
+            ratio = value / point[name]
+            distributions[name] = FloatDistribution(dist.low * ratio, dist.high * ratio, log=True)
+        elif not _contains(dist, value):
+            raise ValueError(f"{name}={value!r} lies outside the searched {describe(dist)}")
+        point[name] = value
+    return Space(distributions, point)
+
+
+__all__ = ["Space", "get", "describe", "override", "moved", "FloatDistribution"]

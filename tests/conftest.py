@@ -28,6 +28,17 @@ def cache_dir(tmp_path_factory) -> str:
     return os.environ.get("TAILTUNE_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny tensors: faster, and no OpenMP spinning on a
+    shared CPU. A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

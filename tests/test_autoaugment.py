@@ -8,13 +8,7 @@ from trainables import autoaugment as aa, augment, darl, data, ricasso
 REFERENCE = AutoAugment(AutoAugmentPolicy.CIFAR10, fill=[float(aa.LGLA_FILL)] * 3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster and avoids OpenMP spinning on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

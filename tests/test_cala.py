@@ -18,13 +18,7 @@ CIFAR10_IR100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread is faster and avoids OpenMP spinning on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny tensors (tests/conftest.py)
 
 
 # -- the CALA loss -------------------------------------------------------------------------------
@@ -397,3 +391,23 @@ def test_smoke_preset_keeps_calas_tail_at_two_images(ratio, num_classes):
     # A method without the floor keeps the preset's n_max (whose tail is 1 image at IR 100).
     assert preset_config("smoke", registry.get("darl"), ratio)["n_max"] == 100
     assert min(data.lt_counts(num_classes, 100, 100)) == 1
+
+
+@pytest.mark.parametrize("name", ["cala", "cala_meta"])
+def test_the_searches_first_trial_takes_the_data_sets_k(name):
+    """The paper point follows the config's per-data-set default: K = 80 on CIFAR-100, not the
+    CIFAR-10 value 40 that spaces/ fixes (cala.md §2, Fig. A-2)."""
+    from search import compare, reproduce, run
+    from trainables import registry
+    assert run.paper_space(name, "cifar10").paper_point["knn_k"] == 40
+    assert run.paper_space(name, "cifar100").paper_point["knn_k"] == 80
+    plan = run.build_plan(run.parse_args([name, "--dataset", "cifar100", "--preset", "small"]))
+    assert plan["space"].paper_point["knn_k"] == 80                    # enqueued as trial 0
+    assert plan["space"].distributions["knn_k"].choices == (10, 20, 40, 60, 80, 100)   # the range is kept
+    cfg = registry.get(name).config_cls.from_dict({**plan["config"], **plan["space"].paper_point})
+    assert cfg.knn_k == 80
+    # --space still narrows it, and a fixed K wins.
+    plan = run.build_plan(run.parse_args([name, "--dataset", "cifar100", "--space", "knn_k=20"]))
+    assert plan["space"].paper_point["knn_k"] == 20
+    assert reproduce.build_plan(reproduce.parse_args([name, "--dataset", "cifar100"]))["config"]["knn_k"] == 80
+    assert compare.paper_space is run.paper_space   # compare.py's point is the same

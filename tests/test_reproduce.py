@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from search import reproduce
 from tests.conftest import REPO
-from trainables import data, papers, protocols, registry
+from trainables import data, papers, protocols, recipes, registry
+from trainables.config import LARGE_DATASETS
 
 REPRODUCE = os.path.join(REPO, "search", "reproduce.py")
 
@@ -59,7 +60,9 @@ def test_every_paper_entry_names_a_method_a_protocol_and_metrics_we_log():
         protocol = protocols.get(r.protocol)
         assert (r.method, r.dataset) not in seen, f"two entries for {r.method} on {r.dataset}"
         seen.add((r.method, r.dataset))
-        assert r.dataset in ("cifar10", "cifar100") and r.imbalance_ratio == 100
+        assert r.dataset in ("cifar10", "cifar100", *LARGE_DATASETS) and r.imbalance_ratio == 100
+        if r.dataset in LARGE_DATASETS:   # trained with its paper's recipe, tested on the protocol's sets
+            assert recipes.get(r.method, r.dataset) is not None and protocol.sets_for(r.dataset), r
         assert r.values and set(r.values) <= set(papers.METRICS), r
         assert set(r.std) <= set(r.values), r
         assert all(0 < v <= 100 for v in r.values.values()), r

@@ -157,6 +157,9 @@ class TrainConfig:
     val_ood_size: int = 1000            # images per synthetic validation set
     test_ood: tuple[str, ...] = DEFAULT_TEST_OOD
     ood_max_images: int | None = None   # cap per test OOD set (seeded subset); None = all
+    # The large-set recipe applied (trainables.recipes; set by search/run.py and reproduce.py):
+    # its name, source and what differs from the paper, logged with the run. None: no recipe.
+    recipe: str | None = None
     # Evaluation protocol (trainables.protocols): "offline" = test_ood as given, missing sets
     # skipped; a paper protocol fixes its own sets, cap, resize rule and headline FPR95.
     protocol: str = "offline"
@@ -241,7 +244,7 @@ class TrainConfig:
         "ood_energy_temperature": positive(), "ood_knn_k": integer(1),
         "ood_react_percentile": number(0, 100, low_open=True), "posthoc_sweep": FLAG,
         # The protocol's name is checked against trainables.protocols where its sets are loaded.
-        "protocol": TEXT, "allow_missing_ood": FLAG}
+        "protocol": TEXT, "allow_missing_ood": FLAG, "recipe": Accepts("text", none=True)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):
