@@ -775,9 +775,9 @@ def free_bytes(device: torch.device) -> int:
 
 class Placement:
     """Puts image sets on the device while they fit `budget_gb` (None: all of them), in the
-    order asked; the rest stream from host memory (`StreamedImages`). A memory-mapped set
-    (a training-outlier cache) also streams, from disk, when twice its size (the NHWC -> NCHW
-    copy) is more than the device has free."""
+    order asked; the rest stream from host memory (`StreamedImages`). A memory-mapped set (a
+    training-outlier cache) also streams, from disk, when it is larger than the device's free
+    memory; put on the device, it is copied over in chunks, never staged whole in host memory."""
 
     def __init__(self, device: torch.device, budget_gb: float | None):
         self.device, self.budget = device, None if budget_gb is None else budget_gb * 2**30
@@ -785,12 +785,14 @@ class Placement:
 
     def place(self, images: data.ImageSet):
         """Returns the set's images as uint8 [N, 3, H, W]: a device tensor or StreamedImages."""
-        size = images.x.nbytes
+        size, mapped = images.x.nbytes, is_memory_mapped(images.x)
         fits = self.budget is None or self.used + size <= self.budget
-        if fits and is_memory_mapped(images.x):
-            fits = 2 * size <= free_bytes(torch.device(self.device))
-        if fits:
-            self.used += size
-            return augment.to_device_images(images.x, self.device)
-        self.streamed.append(images.name)
-        return StreamedImages(images.x, self.device)
+        if fits and mapped:
+            fits = size <= free_bytes(torch.device(self.device))
+        if not fits:
+            self.streamed.append(images.name)
+            return StreamedImages(images.x, self.device)
+        self.used += size
+        if mapped:
+            return StreamedImages(images.x, self.device)[:]
+        return augment.to_device_images(images.x, self.device)
