@@ -343,7 +343,7 @@ def test_outlier_releases_decode_once_into_a_memmap(tree, tmp_path, monkeypatch)
     subset, record = large_lt.load_outliers("imagenet_extra", "imagenet-lt", tree, cache, SIDE, max_images=4, seed=3)
     keep = np.sort(np.random.RandomState(3).choice(6, 4, replace=False))
     assert not large_lt.is_memory_mapped(subset.x) and np.array_equal(subset.x, extra.x[keep])
-    assert record["outlier_subset"] == "seeded random 4 (split_seed 3)"
+    assert record["outlier_subset"] == "seeded random 4 of 6 (split_seed 3)"
     monkeypatch.undo()
     places, _ = large_lt.load_outliers("places_extra69", "places-lt", tree, cache, SIDE)
     assert len(places) == 4
@@ -355,9 +355,11 @@ def test_imagenet_extra_from_an_imagenet10k_root_and_its_wnid_list(tmp_path):
         _jpeg(os.path.join(tmp_path, "imagenet10k", wnid, "a.JPEG"), rng)
     (tmp_path / "imagenet_extra_1k_wnid_list.txt").write_text("n20000002\nn20000001\n")
     extra, record = large_lt.load_outliers("imagenet_extra", "imagenet-lt", str(tmp_path), str(tmp_path / "c"), SIDE)
-    assert len(extra) == 2 and record["outlier_source"].endswith("filtered by " + str(tmp_path / "imagenet_extra_1k_wnid_list.txt"))
+    listed = str(tmp_path / "imagenet_extra_1k_wnid_list.txt")
+    assert len(extra) == 2 and record["outlier_source"].endswith(f"filtered by {listed}")
     (tmp_path / "imagenet_extra_1k_wnid_list.txt").write_text("n20000001\nn29999999\n")
-    with pytest.raises(data.MissingDataError, match=r"1 of the 2 classes .* are not folders of .*imagenet10k \(first: n29999999\)"):
+    with pytest.raises(data.MissingDataError,
+                       match=r"1 of the 2 classes .* are not folders of .*imagenet10k \(first: n29999999\)"):
         large_lt.load_outliers("imagenet_extra", "imagenet-lt", str(tmp_path), str(tmp_path / "c"), SIDE)
     with pytest.raises(data.MissingDataError) as e:
         large_lt.load_outliers("places_extra69", "places-lt", str(tmp_path), str(tmp_path / "c"), SIDE)
@@ -370,7 +372,8 @@ def test_outlier_auto_resolution_and_refusals(tree, tmp_path):
     assert large_lt.load_outliers("auto", "imagenet-lt", tree, cache, SIDE)[0].name == "imagenet_extra"
     assert large_lt.load_outliers("auto", "places-lt", tree, cache, SIDE)[0].name == "places_extra69"
     # No copy of the benchmark's set: Gaussian noise at the stored side, data.synthetic_ood's values.
-    noise, record = large_lt.load_outliers("auto", "imagenet-lt", str(tmp_path / "empty"), cache, SIDE, max_images=5, seed=7)
+    noise, record = large_lt.load_outliers("auto", "imagenet-lt", str(tmp_path / "empty"), cache, SIDE,
+                                           max_images=5, seed=7)
     assert noise.name == "gaussian" and np.array_equal(noise.x, data.synthetic_ood("gaussian", 5, 7, size=SIDE).x)
     assert record["outlier_rule"] == large_lt.GAUSSIAN_RULE.format(side=SIDE)
     assert np.array_equal(large_lt._gaussian(5, 8, 3, chunk=2), data.synthetic_ood("gaussian", 5, 3, size=8).x)
@@ -387,7 +390,8 @@ def test_outlier_auto_resolution_and_refusals(tree, tmp_path):
     with pytest.raises(ValueError, match=r"^outlier set 'imagenet_extra' shares 1 class folder\(s\) with test OOD "
                                          r"set 'imagenet_1k_ood' \(n10000001\); accepted: disjoint classes"):
         large_lt.check_outlier_set("auto", "imagenet-lt", ["imagenet_1k_ood"], [], str(tmp_path / "overlap"))
-    with pytest.raises(ValueError, match=r"shares 1 class folder\(s\) with the ID classes of imagenet-lt \(n20000002\)"):
+    with pytest.raises(ValueError,
+                       match=r"shares 1 class folder\(s\) with the ID classes of imagenet-lt \(n20000002\)"):
         large_lt.load_outliers("imagenet_extra", "imagenet-lt", tree, cache, SIDE, id_classes=["n20000002"])
     cfg = registry.get("oe").config_cls.from_dict(dict(
         dataset="imagenet-lt", image_store_side=SIDE, image_size=16, data_dir=tree, cache_dir=cache,
@@ -414,8 +418,8 @@ def test_streamed_memmap_and_prefetch_equal_resident(tmp_path, monkeypatch):
     assert isinstance(placement.place(data.ImageSet(x, np.full(10, -1), "ram")), torch.Tensor)
     assert placement.streamed == ["aux"]
     monkeypatch.setattr(large_lt, "free_bytes", lambda device: x.nbytes)
-    assert torch.equal(large_lt.Placement(torch.device("cpu"), None).place(data.ImageSet(mapped, np.full(10, -1), "aux")),
-                       resident)
+    on_device = large_lt.Placement(torch.device("cpu"), None).place(data.ImageSet(mapped, np.full(10, -1), "aux"))
+    assert torch.equal(on_device, resident)   # copied over in chunks
 
 
 def test_oe_with_imagenet_extra_streamed_from_its_memmap_equals_resident(tree, tmp_path):

@@ -159,14 +159,16 @@ class TrainConfig:
     backbone: str = "auto"
     pretrained: str | None = None       # torchvision backbones: a state-dict file, or "imagenet"
     # Image sets beyond this many GiB stay in (pinned) host memory and stream in per batch;
-    # None keeps every set resident on the device.
+    # None keeps every set resident on the device (a memory-mapped outlier cache larger than the
+    # device's free memory streams from disk regardless).
     device_image_budget_gb: float | None = None
     # Streamed sets: gather (and copy) the next step's rows while the current step runs. Same
     # numbers either way; off gathers each batch when it is drawn.
     prefetch_streamed: bool = True
-    # Auxiliary outliers, for the methods that train with them (trainables.data.load_outliers).
-    # auto | 300k | tin_aux | gaussian | a real OOD set name; on imagenet-lt / places-lt: auto |
-    # imagenet_extra | places_extra69 | gaussian | a large-benchmark OOD set (trainables.large_lt)
+    # Auxiliary outliers, for the methods that train with them (trainables.data.load_outliers):
+    # auto | 300k | tin_aux | gaussian | a real OOD set name; on imagenet-lt / places-lt
+    # (trainables.large_lt.load_outliers): auto | imagenet_extra | places_extra69 | gaussian |
+    # a large-benchmark OOD set
     outlier_set: str = "auto"
     outlier_batch_size: int | None = None   # outliers per step; None = batch_size (1:1)
     outlier_max_images: int | None = None   # seeded subset of the outlier set; None = all

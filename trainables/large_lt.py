@@ -30,6 +30,7 @@ import math
 import mmap
 import os
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -163,12 +164,7 @@ def decode_paths(paths: list[str], side: int, workers: int | None = None) -> np.
     """Returns uint8 [N, side, side, 3] for image files, decoded by a thread pool (Pillow
     releases the GIL while decoding and resizing)."""
     out = np.empty((len(paths), side, side, 3), dtype=np.uint8)
-
-    def one(i: int) -> None:
-        out[i] = decode_image(paths[i], side)
-
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        list(pool.map(one, range(len(paths))))
+    _decode_into(out, paths, side, max(len(paths), 1), workers)
     return out
 
 
@@ -185,19 +181,25 @@ def decode_to_npy(paths: list[str], side: int, path: str, chunk: int = 1024,
     os.close(handle)
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), side, side, 3))
-        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-            for start in range(0, len(paths), chunk):
-                def one(i: int, start: int = start) -> None:
-                    out[start + i] = decode_image(paths[start + i], side)
-                list(pool.map(one, range(min(chunk, len(paths) - start))))
-                out.flush()   # written back chunk by chunk: dirty pages stay bounded
-        del out
+        _decode_into(out, paths, side, chunk, workers)
+        del out   # unmapped before the rename
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; other users sharing the cache may read it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _decode_into(out: np.ndarray, paths: list[str], side: int, chunk: int, workers: int | None) -> None:
+    def one(i: int) -> None:
+        out[i] = decode_image(paths[i], side)
+
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        for start in range(0, len(paths), chunk):
+            list(pool.map(one, range(start, min(start + chunk, len(paths)))))
+            if isinstance(out, np.memmap):
+                out.flush()   # written back chunk by chunk: dirty pages stay bounded
 
 
 def is_memory_mapped(x: np.ndarray) -> bool:
@@ -527,8 +529,8 @@ def _looked(release: OutlierRelease, data_dir: str | None) -> str:
     return "; ".join(places)
 
 
-def check_disjoint(name: str, classes: list[str], test_ood: list[str], data_dir: str | None,
-                   id_classes: list[str] = (), dataset: str = "") -> None:
+def check_disjoint(name: str, classes: Sequence[str], test_ood: Sequence[str], data_dir: str | None,
+                   id_classes: Sequence[str] = (), dataset: str = "") -> None:
     """Raises ValueError (one line) when an outlier set's class folders are also class folders of
     a test-OOD folder set (ImageNet-1k-OOD) or ID classes: training on them would inflate the
     detector's numbers."""
@@ -555,8 +557,8 @@ def _gaussian(n: int, side: int, seed: int, chunk: int = 256) -> np.ndarray:
 
 
 def load_outliers(name: str, dataset: str, data_dir: str | None, cache_dir: str, side: int,
-                  max_images: int | None = None, seed: int = 0, test_ood: list[str] = (),
-                  id_classes: list[str] = ()) -> tuple[data.ImageSet, dict[str, str]]:
+                  max_images: int | None = None, seed: int = 0, test_ood: Sequence[str] = (),
+                  id_classes: Sequence[str] = ()) -> tuple[data.ImageSet, dict[str, str]]:
     """Returns (the training outliers `name` for a large ID set, uint8 [N, side, side, 3] with
     labels -1, its .name the set actually used; the params that record it).
 
@@ -574,8 +576,6 @@ def load_outliers(name: str, dataset: str, data_dir: str | None, cache_dir: str,
             print(f"notice: outlier_set=auto: {release.name} not found (looked in: {_looked(release, data_dir)}); "
                   f"training on Gaussian noise at {side}x{side}", flush=True)
             name = "gaussian"
-    rng = np.random.RandomState(seed)
-    subset = "all" if max_images is None else f"seeded random {max_images} (split_seed {seed})"
     if name == "gaussian":
         x = _gaussian(max_images or data.GAUSSIAN_OUTLIERS, side, seed)
         return (data.ImageSet(x, np.full(len(x), -1, dtype=np.int64), name),
@@ -584,7 +584,7 @@ def load_outliers(name: str, dataset: str, data_dir: str | None, cache_dir: str,
     if name in OOD_RELEASES:   # another benchmark's test set, as on CIFAR
         found = load_ood(name, data_dir, cache_dir, side, max_images, seed)
         return found, {"outlier_source": f"release:{OOD_RELEASES[name].path}", "outlier_rule": store_rule(side),
-                       "outlier_subset": subset}
+                       "outlier_subset": "all" if max_images is None else f"seeded random {len(found)} of the set"}
     release = OUTLIER_RELEASES[name]
     source = _outlier_source(release, data_dir)
     if source is None:
@@ -596,8 +596,10 @@ def load_outliers(name: str, dataset: str, data_dir: str | None, cache_dir: str,
     if not rows:
         raise data.MissingDataError(f"outlier set '{name}': no images in {root}/<class>/")
     x, _ = cached_list(key_file, root, side, cache_dir, f"aux-{name}", rows)
+    subset = "all"
     if max_images is not None and max_images < len(x):
-        x = np.ascontiguousarray(x[np.sort(rng.choice(len(x), max_images, replace=False))])
+        keep = np.sort(np.random.RandomState(seed).choice(len(x), max_images, replace=False))
+        x, subset = np.ascontiguousarray(x[keep]), f"seeded random {max_images} of {len(x)} (split_seed {seed})"
     record = {"outlier_source": where, "outlier_rule": store_rule(side), "outlier_subset": subset,
               "outlier_classes": str(len(classes))}
     return data.ImageSet(x, np.full(len(x), -1, dtype=np.int64), name), record
