@@ -400,12 +400,14 @@ def test_outlier_auto_resolution_and_refusals(tree, tmp_path):
         engine.prepare(cfg, uses_outliers=True)
 
 
-def test_streamed_memmap_and_prefetch_equal_resident(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the side-stream copy needs a CUDA device"))])
+def test_streamed_memmap_and_prefetch_equal_resident(tmp_path, monkeypatch, device):
     x = np.random.RandomState(0).randint(0, 256, (10, 8, 8, 3)).astype(np.uint8)
     np.save(tmp_path / "x.npy", x)
     mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
-    resident = torch.from_numpy(x).permute(0, 3, 1, 2)
-    streamed = large_lt.StreamedImages(mapped, torch.device("cpu"), chunk=3)
+    resident = torch.from_numpy(x).permute(0, 3, 1, 2).to(device)
+    streamed = large_lt.StreamedImages(mapped, torch.device(device), chunk=3)
     assert streamed.mapped and streamed.host is mapped    # read from the file, never copied whole
     ahead, other = torch.tensor([9, 0, 4, 4, 7]), torch.tensor([1, 2])
     streamed.prefetch(ahead)
@@ -413,12 +415,12 @@ def test_streamed_memmap_and_prefetch_equal_resident(tmp_path, monkeypatch):
     assert torch.equal(streamed[ahead], resident[ahead]) and not streamed._pending
     # A memory-mapped set streams when the device lacks room for it, even without a budget.
     monkeypatch.setattr(large_lt, "free_bytes", lambda device: 0)
-    placement = large_lt.Placement(torch.device("cpu"), None)
+    placement = large_lt.Placement(torch.device(device), None)
     assert isinstance(placement.place(data.ImageSet(mapped, np.full(10, -1), "aux")), large_lt.StreamedImages)
     assert isinstance(placement.place(data.ImageSet(x, np.full(10, -1), "ram")), torch.Tensor)
     assert placement.streamed == ["aux"]
     monkeypatch.setattr(large_lt, "free_bytes", lambda device: x.nbytes)
-    on_device = large_lt.Placement(torch.device("cpu"), None).place(data.ImageSet(mapped, np.full(10, -1), "aux"))
+    on_device = large_lt.Placement(torch.device(device), None).place(data.ImageSet(mapped, np.full(10, -1), "aux"))
     assert torch.equal(on_device, resident)   # copied over in chunks
 
 
