@@ -1,8 +1,10 @@
-"""ImageNet-LT / Places-LT: split lists, the decode-once cache, device views, streaming, the
-torchvision backbones, the large benchmarks' OOD release formats, and a search end to end, all on
-tiny ImageFolder trees generated here (64x64 and 80x64 JPEGs, a few classes)."""
+"""ImageNet-LT / Places-LT: split lists, the decode-once cache, device views, streaming and its
+prefetch, the torchvision backbones, the large benchmarks' OOD and training-outlier release
+formats, and a search end to end, all on tiny ImageFolder trees generated here (64x64 and 80x64
+JPEGs, a few classes)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,11 +72,37 @@ def make_ood_releases(data_dir: str) -> None:
         f.write("".join(f"/open/{i}.jpg -1\n" for i in range(3)))
 
 
+EXTRA_WNIDS = ("n20000001", "n20000002")     # the tiny ImageNet-Extra's classes, 3 images each
+INAT_FILES = ("train_val2018/Plantae/7477/3b60c9.jpg", "train_val2018/Aves/2101/0a1b2c.jpg",
+              "train_val2018/Plantae/5300/ff00ee.jpg")   # val2018.json's order, not sorted
+
+
+def make_outlier_releases(data_dir: str) -> None:
+    """Writes tiny copies of the training-outlier releases (ImageNet-Extra's and Places-Extra69's
+    ImageFolder trees) and of iNaturalist 2018 val (val2018.json + train_val2018/)."""
+    rng = np.random.RandomState(2)
+    for wnid in EXTRA_WNIDS:
+        for i in range(3):
+            _jpeg(os.path.join(data_dir, "imagenet_extra", wnid, f"{wnid}_{i}.JPEG"), rng, (72, 64))
+    for cls in ("arena-rodeo", "bazaar-indoor"):
+        for i in range(2):
+            _jpeg(os.path.join(data_dir, "places_extra69", cls, f"{i:08d}.jpg"), rng)
+    for rel in INAT_FILES:
+        _jpeg(os.path.join(data_dir, "inaturalist2018", rel), rng, (64, 80))
+    doc = {"info": {"year": 2018}, "images": [{"id": i, "file_name": rel, "width": 64, "height": 80}
+                                              for i, rel in enumerate(INAT_FILES)],
+           "annotations": [{"id": i, "image_id": i, "category_id": i} for i in range(3)],
+           "categories": [{"id": i, "name": str(i)} for i in range(3)]}
+    with open(os.path.join(data_dir, "inaturalist2018", "val2018.json"), "w") as f:
+        json.dump(doc, f)
+
+
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> str:
     data_dir = str(tmp_path_factory.mktemp("large"))
     make_lt_tree(data_dir)
     make_ood_releases(data_dir)
+    make_outlier_releases(data_dir)
     return data_dir
 
 
@@ -271,6 +299,158 @@ def test_method_without_large_setup_is_refused(monkeypatch):
     with pytest.raises(run.UsageError, match="protocol 'rna' has no OOD sets for dataset places-lt; accepted "
                                              "for places-lt: open_sampling, cala, oltr, offline"):
         run.build_plan(run.parse_args(["ce", "--dataset", "places-lt", "--protocol", "rna"]))
+
+
+# ----------------------------------------------------------------------------- iNaturalist 2018 val
+
+
+def test_inaturalist2018_val_release_and_ricasso_protocol(tree, tmp_path):
+    inat = large_lt.load_ood("inaturalist2018", tree, str(tmp_path), SIDE)
+    assert inat.x.shape == (3, SIDE, SIDE, 3) and (inat.y == -1).all()
+    # Rows follow the annotation file's order; file_name is relative to the extraction root.
+    assert np.array_equal(inat.x[1], large_lt.decode_image(os.path.join(tree, "inaturalist2018", INAT_FILES[1]), SIDE))
+    ricasso = protocols.get("ricasso")
+    found, missing = protocols.load_sets(ricasso, "imagenet-lt", tree, str(tmp_path), False, 0, False, store_side=SIDE)
+    assert [s.name for s in found] == ["inaturalist2018"] and missing == []
+    assert protocols.get("darl").sets_for("imagenet-lt") == ("imagenet_1k_ood",)
+    bad = tmp_path / "val2018.json"
+    bad.write_text(json.dumps({"images": [{"id": 0}]}))
+    with pytest.raises(ValueError, match=r"val2018.json: no 'images' list of .*; accepted: a COCO-style"):
+        large_lt.read_coco_images(str(bad))
+    with pytest.raises(data.MissingDataError, match=r"OOD set 'inaturalist2018' .* not found; looked in: .*"
+                                                    r"val2018.json; get the iNaturalist 2018"):
+        large_lt.load_ood("inaturalist2018", str(tmp_path), str(tmp_path), SIDE)
+
+
+# ----------------------------------------------------------------------------- training outliers
+
+
+def test_outlier_releases_decode_once_into_a_memmap(tree, tmp_path, monkeypatch):
+    cache = str(tmp_path / "cache")
+    extra, record = large_lt.load_outliers("imagenet_extra", "imagenet-lt", tree, cache, SIDE)
+    assert extra.name == "imagenet_extra" and extra.x.shape == (6, SIDE, SIDE, 3) and (extra.y == -1).all()
+    assert isinstance(extra.x, np.memmap) and large_lt.is_memory_mapped(extra.x)
+    (cached,) = [f for f in os.listdir(cache) if f.startswith(f"aux-imagenet_extra-{SIDE}-")]
+    assert cached.endswith(".npy") and not [f for f in os.listdir(cache) if f.startswith(".tmp-")]
+    assert np.array_equal(np.load(os.path.join(cache, cached)), extra.x)
+    first = os.path.join(tree, "imagenet_extra", EXTRA_WNIDS[0], f"{EXTRA_WNIDS[0]}_0.JPEG")
+    assert np.array_equal(extra.x[0], large_lt.decode_image(first, SIDE))
+    assert record == {"outlier_source": f"folder:{os.path.join(tree, 'imagenet_extra')}",
+                      "outlier_rule": large_lt.store_rule(SIDE), "outlier_subset": "all", "outlier_classes": "2"}
+    # Chunks smaller than the set give the same file.
+    large_lt.decode_to_npy([first] * 3, SIDE, str(tmp_path / "three.npy"), chunk=2)
+    assert np.array_equal(np.load(tmp_path / "three.npy"), np.stack([extra.x[0]] * 3))
+
+    def no_decoding(*_):
+        raise AssertionError("decoded again although the cache holds the set")
+    monkeypatch.setattr(large_lt, "decode_image", no_decoding)
+    subset, record = large_lt.load_outliers("imagenet_extra", "imagenet-lt", tree, cache, SIDE, max_images=4, seed=3)
+    keep = np.sort(np.random.RandomState(3).choice(6, 4, replace=False))
+    assert not large_lt.is_memory_mapped(subset.x) and np.array_equal(subset.x, extra.x[keep])
+    assert record["outlier_subset"] == "seeded random 4 of 6 (split_seed 3)"
+    monkeypatch.undo()
+    places, _ = large_lt.load_outliers("places_extra69", "places-lt", tree, cache, SIDE)
+    assert len(places) == 4
+
+
+def test_imagenet_extra_from_an_imagenet10k_root_and_its_wnid_list(tmp_path):
+    rng = np.random.RandomState(4)
+    for wnid in ("n01440764", "n20000001", "n20000002"):   # the first is an ImageNet-1k class
+        _jpeg(os.path.join(tmp_path, "imagenet10k", wnid, "a.JPEG"), rng)
+    (tmp_path / "imagenet_extra_1k_wnid_list.txt").write_text("n20000002\nn20000001\n")
+    extra, record = large_lt.load_outliers("imagenet_extra", "imagenet-lt", str(tmp_path), str(tmp_path / "c"), SIDE)
+    listed = str(tmp_path / "imagenet_extra_1k_wnid_list.txt")
+    assert len(extra) == 2 and record["outlier_source"].endswith(f"filtered by {listed}")
+    (tmp_path / "imagenet_extra_1k_wnid_list.txt").write_text("n20000001\nn29999999\n")
+    with pytest.raises(data.MissingDataError,
+                       match=r"1 of the 2 classes .* are not folders of .*imagenet10k \(first: n29999999\)"):
+        large_lt.load_outliers("imagenet_extra", "imagenet-lt", str(tmp_path), str(tmp_path / "c"), SIDE)
+    with pytest.raises(data.MissingDataError) as e:
+        large_lt.load_outliers("places_extra69", "places-lt", str(tmp_path), str(tmp_path / "c"), SIDE)
+    assert "outlier set 'places_extra69'" in str(e.value) and "looked in: " in str(e.value)
+    assert "places_extra69/<class>/" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_outlier_auto_resolution_and_refusals(tree, tmp_path):
+    cache = str(tmp_path)
+    assert large_lt.load_outliers("auto", "imagenet-lt", tree, cache, SIDE)[0].name == "imagenet_extra"
+    assert large_lt.load_outliers("auto", "places-lt", tree, cache, SIDE)[0].name == "places_extra69"
+    # No copy of the benchmark's set: Gaussian noise at the stored side, data.synthetic_ood's values.
+    noise, record = large_lt.load_outliers("auto", "imagenet-lt", str(tmp_path / "empty"), cache, SIDE,
+                                           max_images=5, seed=7)
+    assert noise.name == "gaussian" and np.array_equal(noise.x, data.synthetic_ood("gaussian", 5, 7, size=SIDE).x)
+    assert record["outlier_rule"] == large_lt.GAUSSIAN_RULE.format(side=SIDE)
+    assert np.array_equal(large_lt._gaussian(5, 8, 3, chunk=2), data.synthetic_ood("gaussian", 5, 3, size=8).x)
+    for small in ("300k", "tin_aux", "svhn"):
+        with pytest.raises(ValueError, match=rf"^outlier_set='{small}' is a 32x32 set and does not apply to dataset "
+                                             r"imagenet-lt; accepted: auto, imagenet_extra, places_extra69, gaussian"):
+            large_lt.check_outlier_set(small, "imagenet-lt", [], [])
+    with pytest.raises(ValueError, match="outlier set 'inaturalist2018' is also a test OOD set"):
+        large_lt.check_outlier_set("inaturalist2018", "imagenet-lt", ["inaturalist2018"], [])
+    # A wnid of the outliers that is also an ImageNet-1k-OOD test class, or an ID class, is refused.
+    rng = np.random.RandomState(5)
+    for folder in ("imagenet_extra", "imagenet10k_ood_test"):
+        _jpeg(os.path.join(tmp_path, "overlap", folder, "n10000001", "a.JPEG"), rng)
+    with pytest.raises(ValueError, match=r"^outlier set 'imagenet_extra' shares 1 class folder\(s\) with test OOD "
+                                         r"set 'imagenet_1k_ood' \(n10000001\); accepted: disjoint classes"):
+        large_lt.check_outlier_set("auto", "imagenet-lt", ["imagenet_1k_ood"], [], str(tmp_path / "overlap"))
+    with pytest.raises(ValueError,
+                       match=r"shares 1 class folder\(s\) with the ID classes of imagenet-lt \(n20000002\)"):
+        large_lt.load_outliers("imagenet_extra", "imagenet-lt", tree, cache, SIDE, id_classes=["n20000002"])
+    cfg = registry.get("oe").config_cls.from_dict(dict(
+        dataset="imagenet-lt", image_store_side=SIDE, image_size=16, data_dir=tree, cache_dir=cache,
+        download=False, val_per_class=1, val_ood=("rademacher",), outlier_set="tin_aux"))
+    with pytest.raises(ValueError, match="outlier_set='tin_aux' is a 32x32 set"):
+        engine.prepare(cfg, uses_outliers=True)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the side-stream copy needs a CUDA device"))])
+def test_streamed_memmap_and_prefetch_equal_resident(tmp_path, monkeypatch, device):
+    x = np.random.RandomState(0).randint(0, 256, (10, 8, 8, 3)).astype(np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    resident = torch.from_numpy(x).permute(0, 3, 1, 2).to(device)
+    streamed = large_lt.StreamedImages(mapped, torch.device(device), chunk=3)
+    assert streamed.mapped and streamed.host is mapped    # read from the file, never copied whole
+    ahead, other = torch.tensor([9, 0, 4, 4, 7]), torch.tensor([1, 2])
+    streamed.prefetch(ahead)
+    assert torch.equal(streamed[other], resident[other]) and len(streamed._pending) == 1   # not the one ahead
+    assert torch.equal(streamed[ahead], resident[ahead]) and not streamed._pending
+    # A memory-mapped set streams when the device lacks room for it, even without a budget.
+    monkeypatch.setattr(large_lt, "free_bytes", lambda device: 0)
+    placement = large_lt.Placement(torch.device(device), None)
+    assert isinstance(placement.place(data.ImageSet(mapped, np.full(10, -1), "aux")), large_lt.StreamedImages)
+    assert isinstance(placement.place(data.ImageSet(x, np.full(10, -1), "ram")), torch.Tensor)
+    assert placement.streamed == ["aux"]
+    monkeypatch.setattr(large_lt, "free_bytes", lambda device: x.nbytes)
+    on_device = large_lt.Placement(torch.device(device), None).place(data.ImageSet(mapped, np.full(10, -1), "aux"))
+    assert torch.equal(on_device, resident)   # copied over in chunks
+
+
+def test_oe_with_imagenet_extra_streamed_from_its_memmap_equals_resident(tree, tmp_path):
+    """One epoch of oe with ImageNet-Extra outliers (outlier_set=auto) streamed from the memmap, and
+    the next batches prefetched, leaves the same weights as with every set resident."""
+    cls = registry.get("oe")
+    base = dict(dataset="imagenet-lt", image_store_side=SIDE, image_size=16, ood_score="msp", backbone="resnet18",
+                data_dir=tree, cache_dir=str(tmp_path), download=False, val_per_class=1, epochs=1, batch_size=6,
+                eval_batch_size=8, val_ood=("rademacher",), val_ood_size=8, warmup_epochs=0, lr=0.001)
+    prepared = engine.prepare(cls.config_cls.from_dict(base), uses_outliers=True)
+    record = prepared.record
+    assert (record["outlier_set"], record["outlier_size"], record["outlier_classes"]) == ("imagenet_extra", "6", "2")
+    assert record["outlier_rule"] == large_lt.store_rule(SIDE) and large_lt.is_memory_mapped(prepared.outliers.x)
+    trials = []
+    for budget in (None, 0.0):
+        cfg = cls.config_cls.from_dict({**base, "device_image_budget_gb": budget, "prefetch_streamed": True})
+        trial = engine.Trial(cls, cfg, prepared)
+        trials.append((trial, trial.train_epoch()))
+    (resident, out_r), (streamed, out_s) = trials
+    assert isinstance(streamed.outlier_x, large_lt.StreamedImages) and streamed.outlier_x.mapped
+    assert streamed.outlier_x._worker is not None and not streamed.outlier_x._pending   # prefetched, all used
+    assert "imagenet_extra" in streamed.resolved["resolved.streamed_sets"]
+    assert out_r["train_loss"] == out_s["train_loss"]
+    for (name, a), b in zip(resident.model.state_dict().items(), streamed.model.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 # ----------------------------------------------------------------------------- search end to end

@@ -37,8 +37,11 @@ def test_every_protocol_is_complete_data():
 
 
 def test_paper_protocols_follow_the_specs():
-    darl = protocols.get("darl")
-    assert protocols.get("ricasso") is darl
+    darl, ricasso = protocols.get("darl"), protocols.get("ricasso")
+    # RICASSO tests on DARL's sets on CIFAR and on iNaturalist 2018 val alone on ImageNet-LT (Table 2).
+    assert (ricasso.sets, ricasso.headline_fpr, ricasso.resize) == (darl.sets, darl.headline_fpr, darl.resize)
+    assert ricasso.sets_for("imagenet-lt") == ("inaturalist2018",)
+    assert darl.sets_for("imagenet-lt") == ("imagenet_1k_ood",) and protocols.for_method("ricasso") == "ricasso"
     assert darl.sets == ("svhn", "dtd", "places365", "tin_val", "inaturalist", "lsun_c", "lsun_r")
     assert (darl.headline_fpr, darl.resize, darl.sc_relabel, darl.max_images) == ("fpr95_idpos", "crop", False, None)
     for name in ("rna", "pascl"):

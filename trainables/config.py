@@ -175,10 +175,17 @@ class TrainConfig:
     backbone: str = "auto"
     pretrained: str | None = None       # torchvision backbones: a state-dict file, or "imagenet"
     # Image sets beyond this many GiB stay in (pinned) host memory and stream in per batch;
-    # None keeps every set resident on the device.
+    # None keeps every set resident on the device (a memory-mapped outlier cache larger than the
+    # device's free memory streams from disk regardless).
     device_image_budget_gb: float | None = None
-    # Auxiliary outliers, for the methods that train with them (trainables.data.load_outliers).
-    outlier_set: str = "auto"           # auto | 300k | tin_aux | gaussian | a real OOD set name
+    # Streamed sets: gather (and copy) the next step's rows while the current step runs. Same
+    # numbers either way; off gathers each batch when it is drawn.
+    prefetch_streamed: bool = True
+    # Auxiliary outliers, for the methods that train with them (trainables.data.load_outliers):
+    # auto | 300k | tin_aux | gaussian | a real OOD set name; on imagenet-lt / places-lt
+    # (trainables.large_lt.load_outliers): auto | imagenet_extra | places_extra69 | gaussian |
+    # a large-benchmark OOD set
+    outlier_set: str = "auto"
     outlier_batch_size: int | None = None   # outliers per step; None = batch_size (1:1)
     outlier_max_images: int | None = None   # seeded subset of the outlier set; None = all
     # Optimisation (LGLA / DARL CIFAR recipe).
@@ -226,6 +233,7 @@ class TrainConfig:
         "image_store_side": integer(8, 1024), "image_size": integer(8, 1024),
         "crop_min_scale": number(0, 1, low_open=True), "backbone": one_of(*BACKBONES),
         "pretrained": Accepts("text", none=True), "device_image_budget_gb": number(0, none=True),
+        "prefetch_streamed": FLAG,
         "val_per_class": integer(0), "val_source": one_of("holdout", "unused"), "n_max": integer(1, none=True),
         "test_per_class": integer(1, none=True), "split_seed": integer(0),
         "data_dir": Accepts("text", none=True), "cache_dir": TEXT, "download": FLAG,

@@ -11,7 +11,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -35,6 +35,7 @@ class Prepared:
     outliers: data.ImageSet | None = None
     outlier_note: str = ""
     protocol_record: dict[str, str] | None = None
+    outlier_params: dict[str, str] = field(default_factory=dict)   # source, rule, subset of the outliers
 
     @property
     def record(self) -> dict[str, str]:
@@ -54,7 +55,7 @@ class Prepared:
     def outlier_record(self) -> dict[str, str]:
         if self.outliers is None:
             return {}
-        out = {"outlier_set": self.outliers.name, "outlier_size": str(len(self.outliers))}
+        out = {"outlier_set": self.outliers.name, "outlier_size": str(len(self.outliers)), **self.outlier_params}
         if self.outlier_note:
             out["outlier_overlap_note"] = self.outlier_note
         return out
@@ -101,8 +102,10 @@ def prepare(cfg: TrainConfig, uses_outliers: bool = False) -> Prepared:
         raise ValueError(f"val_ood {shared} is also a test set of protocol '{protocol.name}' (never tune "
                          f"on test sets); accepted: val_ood from {data.synthetic_names() + [ood_sets.VAL_HOLDOUT]} "
                          f"without {shared}")
-    note = ""
-    if uses_outliers:
+    note, large = "", large_lt.is_large(cfg.dataset)
+    if uses_outliers and large:
+        large_lt.check_outlier_set(cfg.outlier_set, cfg.dataset, test_names, list(cfg.val_ood), cfg.data_dir)
+    elif uses_outliers:
         note = data.check_outlier_set(cfg.outlier_set, test_names, list(cfg.val_ood))
     if cfg.val_per_class < 1:
         raise ValueError(f"val_per_class={cfg.val_per_class}: a search needs a validation split (>= 1)")
@@ -122,10 +125,16 @@ def prepare(cfg: TrainConfig, uses_outliers: bool = False) -> Prepared:
                                                 store_side=cfg.image_store_side)
     if not test_ood:
         raise data.MissingDataError(f"none of the test OOD sets {test_names} could be found")
-    outliers = None
-    if uses_outliers:
+    outliers, outlier_params = None, {}
+    if uses_outliers and large:
+        # At the stored side, disjoint from the test-OOD folder sets and the ID classes.
+        outliers, outlier_params = large_lt.load_outliers(
+            cfg.outlier_set, cfg.dataset, cfg.data_dir, cfg.cache_dir, cfg.image_store_side,
+            cfg.outlier_max_images, cfg.split_seed, test_names, ident.class_names)
+    elif uses_outliers:
         outliers = data.load_outliers(cfg.outlier_set, cfg.data_dir, cfg.cache_dir,
                                       cfg.outlier_max_images, seed=cfg.split_seed)
+    if outliers is not None:
         if outliers.name in cfg.val_ood:   # "auto" fell back to noise that validation also uses
             raise ValueError(f"outlier_set={cfg.outlier_set!r} resolved to '{outliers.name}', which is "
                              f"also a validation OOD set; set val_ood without it")
@@ -137,7 +146,7 @@ def prepare(cfg: TrainConfig, uses_outliers: bool = False) -> Prepared:
     record["ood_set_sizes"] = ",".join(f"{s.name}:{len(s)}" for s in test_ood)
     if ood_sets.VAL_HOLDOUT in cfg.val_ood:
         record["val_ood_holdout_wnids"] = ",".join(ood_sets.tin_aux_part("holdout", cfg.data_dir, cfg.cache_dir)[1])
-    return Prepared(ident, val_ood, test_ood, outliers, note, record)
+    return Prepared(ident, val_ood, test_ood, outliers, note, record, outlier_params)
 
 
 # What `prepare` reads besides the split (`dataset_spec`): trials that agree on all of it train
@@ -259,21 +268,38 @@ class Trial:
             laps = math.ceil(need / len(self.outlier_x))
             outlier_order = torch.cat([torch.randperm(len(self.outlier_x), device=dev, generator=gen)
                                        for _ in range(laps)])
+        # Each stream's rows per step: (images, the epoch's order, rows per step). A streamed set
+        # is indexed with a host copy of its order (copied once per epoch, not synced per step),
+        # and with cfg.prefetch_streamed the next step's rows are gathered while this step runs.
+        draws = {key: d for key, d in (("x", (self.train_x, order, cfg.batch_size)),
+                                       ("bal", (self.train_x, balanced, cfg.batch_size)),
+                                       ("out", (self.outlier_x, outlier_order, n_out))) if d[1] is not None}
+        host = {key: d[1].cpu() for key, d in draws.items() if isinstance(d[0], large_lt.StreamedImages)}
+
+        def rows(key: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Returns (the step's indices on the device, those images)."""
+            images, drawn, size = draws[key]
+            part = slice(step * size, (step + 1) * size)
+            return drawn[part], images[host[key][part] if key in host else drawn[part]]
+
         self.method.begin_epoch(self.epoch, self.model)
         self.model.train()
         bf16 = self.speed["precision"] == "bf16"
         total, stats_sum, steps = torch.zeros((), device=dev), {}, math.ceil(n / cfg.batch_size)
         for step in range(steps):
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             transform = self.transform
-            batch = Batch(transform(self.train_x[idx], gen), self.train_y[idx], index=idx)
-            if balanced is not None:
-                bidx = balanced[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                batch.x_bal = transform(self.train_x[bidx], gen)
-                batch.y_bal = self.train_y[bidx]
-            if outlier_order is not None:
-                oidx = outlier_order[step * n_out:(step + 1) * n_out]
-                batch.x_out, batch.out_index = transform(self.outlier_x[oidx], gen), oidx
+            idx, x = rows("x", step)
+            batch = Batch(transform(x, gen), self.train_y[idx], index=idx)
+            if "bal" in draws:
+                bidx, x_bal = rows("bal", step)
+                batch.x_bal, batch.y_bal = transform(x_bal, gen), self.train_y[bidx]
+            if "out" in draws:
+                oidx, x_out = rows("out", step)
+                batch.x_out, batch.out_index = transform(x_out, gen), oidx
+            if cfg.prefetch_streamed and step + 1 < steps:
+                for key, order_on_host in host.items():
+                    images, _, size = draws[key]
+                    images.prefetch(order_on_host[(step + 1) * size:(step + 2) * size])
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                 loss, stats = self.method.loss(self.train_model, batch, rng)
             self.optimizer.zero_grad(set_to_none=True)

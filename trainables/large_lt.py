@@ -13,7 +13,11 @@ square plus flips, made on the device for a whole batch at once (`random_resized
 evaluation views are resize + centre crop (`resize_center_crop`), as torchvision's
 Resize(256) + CenterCrop(224) when S = 256 and the view is 224. Where the arrays exceed a device
 budget, `Placement` keeps the rest in pinned host memory and copies each batch over in chunks
-(`StreamedImages`).
+(`StreamedImages`), the next batch gathered while the current step runs.
+
+The benchmarks' training outliers (ImageNet-Extra, Places-Extra69; `load_outliers`) are decoded
+the same way, in chunks straight into a `.npy` file, and read back memory-mapped: a set larger
+than the host's memory streams from disk.
 
 The searches validate on the lists' own validation split (`*_val.txt`); the test list is only
 read for the final test.
@@ -21,18 +25,22 @@ read for the final test.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import mmap
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import psutil
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from trainables import augment, data
+from trainables import augment, data, ood_sets
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -156,29 +164,51 @@ def decode_paths(paths: list[str], side: int, workers: int | None = None) -> np.
     """Returns uint8 [N, side, side, 3] for image files, decoded by a thread pool (Pillow
     releases the GIL while decoding and resizing)."""
     out = np.empty((len(paths), side, side, 3), dtype=np.uint8)
-
-    def one(i: int) -> None:
-        out[i] = decode_image(paths[i], side)
-
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        list(pool.map(one, range(len(paths))))
+    _decode_into(out, paths, side, max(len(paths), 1), workers)
     return out
 
 
-def _save_npy_atomic(path: str, array: np.ndarray) -> None:
-    # As data._save_npz_atomic: parallel trials may decode at once; readers never see half a file.
+def decode_to_npy(paths: list[str], side: int, path: str, chunk: int = 1024,
+                  workers: int | None = None) -> None:
+    """Writes the image files as uint8 [N, side, side, 3] (STORE_RULE) to the `.npy` file `path`.
+
+    Rows are decoded `chunk` at a time by a thread pool straight into a memory-mapped temporary
+    file, which is renamed to `path` at the end: the array is never held in memory whole
+    (ImageNet-Extra at 256 is ~95 GiB), and parallel trials never read a half-written file."""
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npy")
+    os.close(handle)
     try:
-        with os.fdopen(handle, "wb") as f:
-            np.save(f, array)
-        os.chmod(tmp, 0o644)
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), side, side, 3))
+        _decode_into(out, paths, side, chunk, workers)
+        del out   # unmapped before the rename
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; other users sharing the cache may read it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _decode_into(out: np.ndarray, paths: list[str], side: int, chunk: int, workers: int | None) -> None:
+    def one(i: int) -> None:
+        out[i] = decode_image(paths[i], side)
+
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        for start in range(0, len(paths), chunk):
+            list(pool.map(one, range(start, min(start + chunk, len(paths)))))
+            if isinstance(out, np.memmap):
+                out.flush()   # written back chunk by chunk: dirty pages stay bounded
+
+
+def is_memory_mapped(x: np.ndarray) -> bool:
+    """Returns whether an array (or the array it views) is backed by a memory-mapped file."""
+    while x is not None:
+        if isinstance(x, (np.memmap, mmap.mmap)):
+            return True
+        x = getattr(x, "base", None)
+    return False
 
 
 def _cache_key(list_file: str, images_root: str, side: int, extra: str = "") -> str:
@@ -209,7 +239,7 @@ def cached_list(list_file: str, images_root: str, side: int, cache_dir: str, pre
     if missing is not None:
         raise data.MissingDataError(f"{list_file} lists {os.path.relpath(missing, images_root)}, which "
                                     f"is not in {images_root}")
-    _save_npy_atomic(path, decode_paths(files, side))
+    decode_to_npy(files, side, path)
     return np.load(path, mmap_mode="r"), rows
 
 
@@ -299,7 +329,9 @@ class OodRelease:
 
     kind "folder": an ImageFolder tree `<data-dir>/<path>/<class>/<file>`, the first
     `per_class` files of each class in sorted order. kind "list": a `<path> <label>` list file
-    `<data-dir>/<path>`, its image paths relative to `<data-dir>/<images>`."""
+    `<data-dir>/<path>`, its image paths relative to `<data-dir>/<images>`. kind "coco": a
+    COCO-style annotation file `<data-dir>/<path>` whose `images[].file_name` are relative to
+    `<data-dir>/<images>`, in the file's order."""
     name: str
     title: str
     kind: str
@@ -331,6 +363,10 @@ OOD_RELEASES: dict[str, OodRelease] = {r.name: r for r in (
                "Places_LT/Places_LT_open.txt", "Places_LT"),
     OodRelease("imagenet_lt_open", "ImageNet-LT open set (OLTR's ImageNet_LT_open.txt)", "list",
                "ImageNet_LT/ImageNet_LT_open.txt", "ImageNet_LT"),
+    OodRelease("inaturalist2018", "iNaturalist 2018 val (RICASSO's ImageNet-LT OOD set: 24,426 images, "
+               "8,142 classes)", "coco", "inaturalist2018/val2018.json", "inaturalist2018", size=24_426,
+               how_to_get="the iNaturalist 2018 competition's val2018.json and train_val2018.tar.gz, "
+               "both extracted into inaturalist2018/ (file_name paths start train_val2018/)"),
 )}
 
 
@@ -339,13 +375,35 @@ def ood_names() -> list[str]:
     return list(OOD_RELEASES)
 
 
-def _folder_rows(top: str, per_class: int | None) -> list[tuple[str, int]]:
+def class_folders(top: str) -> list[str]:
+    """Returns the class folders of an ImageFolder tree, sorted."""
+    return sorted(d for d in os.listdir(top) if os.path.isdir(os.path.join(top, d)) and not d.startswith("."))
+
+
+def _folder_rows(top: str, per_class: int | None, classes: list[str] | None = None) -> list[tuple[str, int]]:
     rows = []
-    for cls in sorted(d for d in os.listdir(top) if os.path.isdir(os.path.join(top, d)) and not d.startswith(".")):
+    for cls in class_folders(top) if classes is None else classes:
         files = sorted(f for f in os.listdir(os.path.join(top, cls))
                        if f.lower().endswith(data._IMAGE_SUFFIXES) and not f.startswith("."))
         rows += [(f"{cls}/{f}", -1) for f in files[:per_class]]
     return rows
+
+
+def read_coco_images(path: str) -> list[tuple[str, int]]:
+    """Returns (file_name, -1) for each entry of a COCO-style annotation file's `images` list,
+    in the file's order. ValueError naming the file and what is accepted."""
+    with open(path) as f:
+        try:
+            doc = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e.msg}, line {e.lineno}); accepted: a COCO-style "
+                             f"annotation file with images[].file_name") from None
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list) or not all(isinstance(i, dict) and isinstance(i.get("file_name"), str)
+                                               for i in images):
+        raise ValueError(f"{path}: no 'images' list of {{\"file_name\": ...}} entries; accepted: a COCO-style "
+                         f"annotation file with images[].file_name (as iNaturalist 2018's val2018.json)")
+    return [(i["file_name"].lstrip("/"), -1) for i in images]
 
 
 def load_ood(name: str, data_dir: str | None, cache_dir: str, side: int, max_images: int | None = None,
@@ -368,12 +426,183 @@ def load_ood(name: str, data_dir: str | None, cache_dir: str, side: int, max_ima
             raise data.MissingDataError(f"OOD set '{name}': no images in {where}/<class>/")
         # The rows are the key's extra, so a changed folder (not a list file) is re-decoded.
         x, _ = cached_list(where, where, side, cache_dir, f"ood-{name}", rows)
+    elif release.kind == "coco":
+        x, _ = cached_list(where, os.path.join(data_dir, release.images), side, cache_dir, f"ood-{name}",
+                           read_coco_images(where))
     else:
         x, _ = cached_list(where, os.path.join(data_dir, release.images), side, cache_dir, f"ood-{name}")
     keep = np.arange(len(x))
     if max_images is not None and max_images < len(x):
         keep = np.sort(np.random.RandomState(seed).choice(len(x), max_images, replace=False))
     return data.ImageSet(np.ascontiguousarray(x[keep]), np.full(len(keep), -1, dtype=np.int64), name)
+
+
+# ----------------------------------------------------------------------------- training outliers
+
+
+@dataclass(frozen=True)
+class OutlierRelease:
+    """An auxiliary outlier set of the large benchmarks, as its release ships it.
+
+    The first of `folders` under the data folder that exists is read as an ImageFolder tree
+    (every file of every class folder). Else, with `full_root`, that tree's class folders named
+    by `class_list` (a file in the data folder, one class per line) are read."""
+    name: str
+    title: str
+    benchmark: str                 # the ID set whose outlier_set=auto resolves to it
+    folders: tuple[str, ...]
+    size: int | None = None
+    full_root: str = ""
+    class_list: str = ""
+    how_to_get: str = ""
+
+
+OUTLIER_RELEASES: dict[str, OutlierRelease] = {r.name: r for r in (
+    OutlierRelease("imagenet_extra", "ImageNet-Extra (PASCL/RNA: 517,711 images of 500 ImageNet-10k classes "
+                   "outside ImageNet-1k and ImageNet-1k-OOD)", "imagenet-lt", ("imagenet_extra", "imagenet_extra_1k"),
+                   size=517_711, full_root="imagenet10k", class_list="imagenet_extra_1k_wnid_list.txt",
+                   how_to_get="PASCL's imagenet_extra_1k_wnid_list.txt next to an extracted ImageNet-10k "
+                   "(imagenet10k/<wnid>/), or those wnids' folders as imagenet_extra/<wnid>/"),
+    OutlierRelease("places_extra69", "Places-Extra69 (Open-sampling: the 69 Places categories outside "
+                   "Places-365)", "places-lt", ("places_extra69",),
+                   how_to_get="the Places2 extra-69 training images as places_extra69/<class>/"),
+)}
+# Gaussian noise at the stored side: what outlier_set=auto falls back to, as on CIFAR.
+GAUSSIAN_RULE = "N(0.5, 0.5^2) per pixel, clipped to [0, 1], uint8, {side}x{side} (data.synthetic_ood)"
+
+
+def outlier_names() -> list[str]:
+    """Returns what outlier_set accepts on the large benchmarks."""
+    return ["auto", *OUTLIER_RELEASES, "gaussian", *ood_names()]
+
+
+def check_outlier_set(name: str, dataset: str, test_ood: list[str], val_ood: list[str],
+                      data_dir: str | None = None) -> None:
+    """Raises ValueError (one line) if `name` is not an outlier set of the large benchmarks (the
+    32x32 sets are refused by name), is also a test or validation OOD set, or (with data_dir)
+    is a release whose class folders meet a test-OOD folder set's. Decodes nothing."""
+    accepted = ", ".join(outlier_names())
+    if name not in outlier_names():
+        if name in {*data.OUTLIER_NAMES, *data.ood_set_names(), *ood_sets.names()}:
+            raise ValueError(f"outlier_set='{name}' is a 32x32 set and does not apply to dataset {dataset}; "
+                             f"accepted: {accepted}")
+        raise ValueError(f"unknown outlier set '{name}' for dataset {dataset}; accepted: {accepted}")
+    for kind, names in (("test", test_ood), ("validation", val_ood)):
+        if name in names:
+            raise ValueError(f"outlier set '{name}' is also a {kind} OOD set; train on another outlier set "
+                             f"({accepted}) or drop it from the {kind} sets")
+    release = OUTLIER_RELEASES.get(name) or next(
+        (r for r in OUTLIER_RELEASES.values() if name == "auto" and r.benchmark == dataset), None)
+    source = _outlier_source(release, data_dir) if release is not None else None
+    if source is not None:
+        check_disjoint(release.name, source[2], test_ood, data_dir)
+
+
+def _outlier_source(release: OutlierRelease, data_dir: str | None) -> tuple[str, str, list[str], str] | None:
+    """Returns (the file or folder keying the cache, the images' root, class folders, where
+    they were read) of an outlier release, or None when no copy is found."""
+    if data_dir is None:
+        return None
+    for folder in release.folders:
+        top = os.path.join(data_dir, folder)
+        if os.path.isdir(top):
+            return top, top, class_folders(top), f"folder:{top}"
+    listed = os.path.join(data_dir, release.class_list) if release.class_list else ""
+    root = os.path.join(data_dir, release.full_root) if release.full_root else ""
+    if root and os.path.isdir(root) and os.path.isfile(listed):
+        with open(listed) as f:
+            classes = sorted({line.strip() for line in f if line.strip()})
+        absent = [c for c in classes if not os.path.isdir(os.path.join(root, c))]
+        if absent:
+            raise data.MissingDataError(f"outlier set '{release.name}': {len(absent)} of the {len(classes)} classes "
+                                        f"{listed} names are not folders of {root} (first: {absent[0]})")
+        return listed, root, classes, f"{release.full_root}:{root} filtered by {listed}"
+    return None
+
+
+def _looked(release: OutlierRelease, data_dir: str | None) -> str:
+    if data_dir is None:
+        return "no --data-dir given"
+    places = [os.path.join(data_dir, f) for f in release.folders]
+    if release.full_root:
+        places.append(f"{os.path.join(data_dir, release.full_root)} with {os.path.join(data_dir, release.class_list)}")
+    return "; ".join(places)
+
+
+def check_disjoint(name: str, classes: Sequence[str], test_ood: Sequence[str], data_dir: str | None,
+                   id_classes: Sequence[str] = (), dataset: str = "") -> None:
+    """Raises ValueError (one line) when an outlier set's class folders are also class folders of
+    a test-OOD folder set (ImageNet-1k-OOD) or ID classes: training on them would inflate the
+    detector's numbers."""
+    others = [(f"test OOD set '{t}'", class_folders(os.path.join(data_dir, OOD_RELEASES[t].path)))
+              for t in test_ood if t in OOD_RELEASES and OOD_RELEASES[t].kind == "folder" and data_dir
+              and os.path.isdir(os.path.join(data_dir, OOD_RELEASES[t].path))]
+    others.append((f"the ID classes of {dataset}", list(id_classes)))
+    for what, theirs in others:
+        shared = sorted(set(classes) & set(theirs))
+        if shared:
+            raise ValueError(f"outlier set '{name}' shares {len(shared)} class folder(s) with {what} "
+                             f"({', '.join(shared[:5])}{', ...' if len(shared) > 5 else ''}); accepted: disjoint "
+                             f"classes: remove them from the outlier folder or pick another outlier_set")
+
+
+def _gaussian(n: int, side: int, seed: int, chunk: int = 256) -> np.ndarray:
+    # data.synthetic_ood("gaussian", n, seed, side) drawn in chunks: the same values (one
+    # RandomState stream) without its float64 array of the whole set (15 GiB for 10,000 at 256).
+    rng, out = np.random.RandomState(seed), np.empty((n, side, side, 3), dtype=np.uint8)
+    for start in range(0, n, chunk):
+        rows = min(chunk, n - start)
+        out[start:start + rows] = data._to_uint8(rng.normal(0.5, 0.5, size=(rows, side, side, 3)))
+    return out
+
+
+def load_outliers(name: str, dataset: str, data_dir: str | None, cache_dir: str, side: int,
+                  max_images: int | None = None, seed: int = 0, test_ood: Sequence[str] = (),
+                  id_classes: Sequence[str] = ()) -> tuple[data.ImageSet, dict[str, str]]:
+    """Returns (the training outliers `name` for a large ID set, uint8 [N, side, side, 3] with
+    labels -1, its .name the set actually used; the params that record it).
+
+    "auto" takes the ID set's benchmark set (imagenet-lt: imagenet_extra, places-lt:
+    places_extra69) when a copy is found, else Gaussian noise at the stored side. A release is
+    decoded once (STORE_RULE) and returned memory-mapped, unless max_images keeps a seeded
+    subset (gathered into memory). Raises MissingDataError when a named set is not found,
+    ValueError when its classes meet a test-OOD folder set's or the ID classes."""
+    check_outlier_set(name, dataset, list(test_ood), [])   # names only: the classes are checked below
+    if name == "auto":
+        release = next(r for r in OUTLIER_RELEASES.values() if r.benchmark == dataset)
+        if _outlier_source(release, data_dir) is not None:
+            name = release.name
+        else:
+            print(f"notice: outlier_set=auto: {release.name} not found (looked in: {_looked(release, data_dir)}); "
+                  f"training on Gaussian noise at {side}x{side}", flush=True)
+            name = "gaussian"
+    if name == "gaussian":
+        x = _gaussian(max_images or data.GAUSSIAN_OUTLIERS, side, seed)
+        return (data.ImageSet(x, np.full(len(x), -1, dtype=np.int64), name),
+                {"outlier_source": "synthetic", "outlier_rule": GAUSSIAN_RULE.format(side=side),
+                 "outlier_subset": f"{len(x)} drawn with seed {seed}"})
+    if name in OOD_RELEASES:   # another benchmark's test set, as on CIFAR
+        found = load_ood(name, data_dir, cache_dir, side, max_images, seed)
+        return found, {"outlier_source": f"release:{OOD_RELEASES[name].path}", "outlier_rule": store_rule(side),
+                       "outlier_subset": "all" if max_images is None else f"seeded random {len(found)} of the set"}
+    release = OUTLIER_RELEASES[name]
+    source = _outlier_source(release, data_dir)
+    if source is None:
+        raise data.MissingDataError(f"outlier set '{name}' ({release.title}) not found; looked in: "
+                                    f"{_looked(release, data_dir)}; get {release.how_to_get}")
+    key_file, root, classes, where = source
+    check_disjoint(name, classes, list(test_ood), data_dir, id_classes, dataset)
+    rows = _folder_rows(root, None, classes)
+    if not rows:
+        raise data.MissingDataError(f"outlier set '{name}': no images in {root}/<class>/")
+    x, _ = cached_list(key_file, root, side, cache_dir, f"aux-{name}", rows)
+    subset = "all"
+    if max_images is not None and max_images < len(x):
+        keep = np.sort(np.random.RandomState(seed).choice(len(x), max_images, replace=False))
+        x, subset = np.ascontiguousarray(x[keep]), f"seeded random {max_images} of {len(x)} (split_seed {seed})"
+    record = {"outlier_source": where, "outlier_rule": store_rule(side), "outlier_subset": subset,
+              "outlier_classes": str(len(classes))}
+    return data.ImageSet(x, np.full(len(x), -1, dtype=np.int64), name), record
 
 
 # ----------------------------------------------------------------------------- device views
@@ -457,36 +686,100 @@ class View:
 
 
 class StreamedImages:
-    """uint8 images [N, 3, H, W] kept in host memory (pinned when CUDA is there); indexing with
-    a slice or an index tensor returns those rows on `device`, gathered and copied `chunk` rows
-    at a time, so neither the host staging nor the copy ever holds more than one chunk."""
+    """uint8 images [N, 3, H, W] kept off the device: in host memory (pinned when CUDA is there)
+    or, for a memory-mapped cache, on disk (read through the page cache, neither pinned nor held
+    whole). Indexing with a slice or an index tensor returns those rows on `device`, gathered and
+    copied `chunk` rows at a time, so neither the host staging nor the copy ever holds more than
+    one chunk.
+
+    `prefetch(index)` starts that gather in a background thread (its copy on a side CUDA stream
+    when the device is a GPU); the next request for the same rows returns it, the current stream
+    made to wait for the copy. Any other request is gathered when asked."""
+
+    MAX_PENDING = 4   # prefetched batches kept for a later request (the engine asks for <= 2 ahead)
 
     def __init__(self, x_nhwc: np.ndarray, device: torch.device, chunk: int = 1024):
-        host = torch.from_numpy(np.ascontiguousarray(x_nhwc))
-        self.host = host.pin_memory() if torch.cuda.is_available() else host
         self.device, self.chunk = torch.device(device), chunk
+        self.mapped = is_memory_mapped(x_nhwc)
+        if self.mapped:
+            self.host = x_nhwc
+        else:
+            host = torch.from_numpy(np.ascontiguousarray(x_nhwc))
+            self.host = host.pin_memory() if torch.cuda.is_available() else host
         n, h, w, c = x_nhwc.shape
         self.shape = torch.Size((n, c, h, w))
         self.dtype = torch.uint8
+        self._pending: list[tuple[torch.Tensor, Future]] = []
+        self._worker: ThreadPoolExecutor | None = None
+        self._stream = None
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, index) -> torch.Tensor:
-        rows = (torch.arange(len(self))[index] if isinstance(index, slice)
+    def _rows(self, index) -> torch.Tensor:
+        return (torch.arange(len(self))[index] if isinstance(index, slice)
                 else torch.as_tensor(index).reshape(-1).cpu())
+
+    def _host_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.mapped:   # fancy indexing reads just these rows from the file
+            return torch.from_numpy(self.host[rows.numpy()])
+        return self.host.index_select(0, rows)
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
         out = torch.empty((len(rows), *self.shape[1:]), dtype=torch.uint8, device=self.device)
         for start in range(0, len(rows), self.chunk):
-            part = self.host.index_select(0, rows[start:start + self.chunk])       # [b, H, W, 3]
+            part = self._host_rows(rows[start:start + self.chunk])                # [b, H, W, 3]
             if self.device.type == "cuda":
                 part = part.pin_memory()
             out[start:start + len(part)] = part.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         return out
 
+    def _gather_ahead(self, rows: torch.Tensor) -> tuple[torch.Tensor, object]:
+        if self._stream is None:
+            return self._gather(rows), None
+        with torch.cuda.stream(self._stream):
+            out = self._gather(rows)
+            copied = torch.cuda.Event()
+            copied.record(self._stream)
+        return out, copied
+
+    def prefetch(self, index) -> None:
+        """Starts gathering the rows `index` names, for a later `self[index]`."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+            if self.device.type == "cuda":
+                self._stream = torch.cuda.Stream(self.device)
+        rows = self._rows(index)
+        self._pending.append((rows, self._worker.submit(self._gather_ahead, rows)))
+        del self._pending[:-self.MAX_PENDING]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        rows = self._rows(index)
+        for i, (ahead, future) in enumerate(self._pending):
+            if ahead.shape == rows.shape and torch.equal(ahead, rows):
+                del self._pending[i]
+                out, copied = future.result()
+                if copied is not None:
+                    stream = torch.cuda.current_stream(self.device)
+                    stream.wait_event(copied)
+                    out.record_stream(stream)   # made on the side stream, used (and freed) on this one
+                return out
+        return self._gather(rows)
+
+
+def free_bytes(device: torch.device) -> int:
+    """Returns the memory free for new tensors on `device`: the GPU's free memory, or the host's
+    available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
 
 class Placement:
     """Puts image sets on the device while they fit `budget_gb` (None: all of them), in the
-    order asked; the rest stream from host memory (`StreamedImages`)."""
+    order asked; the rest stream from host memory (`StreamedImages`). A memory-mapped set (a
+    training-outlier cache) also streams, from disk, when it is larger than the device's free
+    memory; put on the device, it is copied over in chunks, never staged whole in host memory."""
 
     def __init__(self, device: torch.device, budget_gb: float | None):
         self.device, self.budget = device, None if budget_gb is None else budget_gb * 2**30
@@ -494,8 +787,14 @@ class Placement:
 
     def place(self, images: data.ImageSet):
         """Returns the set's images as uint8 [N, 3, H, W]: a device tensor or StreamedImages."""
-        if self.budget is None or self.used + images.x.nbytes <= self.budget:
-            self.used += images.x.nbytes
-            return augment.to_device_images(images.x, self.device)
-        self.streamed.append(images.name)
-        return StreamedImages(images.x, self.device)
+        size, mapped = images.x.nbytes, is_memory_mapped(images.x)
+        fits = self.budget is None or self.used + size <= self.budget
+        if fits and mapped:
+            fits = size <= free_bytes(torch.device(self.device))
+        if not fits:
+            self.streamed.append(images.name)
+            return StreamedImages(images.x, self.device)
+        self.used += size
+        if mapped:
+            return StreamedImages(images.x, self.device)[:]
+        return augment.to_device_images(images.x, self.device)

@@ -11,6 +11,7 @@ Under a paper protocol a missing set is an error naming it and where it was look
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,24 +73,36 @@ _SCOOD = ("scood_texture", "scood_svhn", "scood_cifar100", "scood_tin", "scood_l
 _OPENOOD_NEAR = ("cifar100_test", "tin_val")
 _OPENOOD_FAR = ("mnist", "svhn", "dtd", "places365")
 _IN1K_OOD = (("imagenet-lt", ("imagenet_1k_ood",)),)
+_INAT2018 = (("imagenet-lt", ("inaturalist2018",)),)
 _OPENOOD_IN_NEAR = ("openood_ssb_hard", "openood_ninco")
 _OPENOOD_IN_FAR = ("openood_inaturalist", "openood_textures", "openood_openimage_o")
 _OLTR_OPEN = (("imagenet-lt", ("imagenet_lt_open",)), ("places-lt", ("places_lt_open",)))
 _OPENOOD_NOTE = ("OpenOOD v1.5's own image lists (which drop TinyImageNet/Places365 images of ID "
                  "classes) are not read: the full TinyImageNet val and Places365 val are used")
 
+_DARL = Protocol(
+    "darl", "DARL: 7 sets, unweighted mean",
+    ("svhn", "dtd", "places365", "tin_val", "inaturalist", "lsun_c", "lsun_r"),
+    "fpr95_idpos", "crop", "darl.md §5 (OOD test sets), §6; ricasso.md §6",
+    note="iNaturalist is the MOS 10,000-image subset (the specs name iNaturalist2018 val, "
+         "24,426); Places365 is the full 36,500 val; on ImageNet-LT: PASCL's ImageNet-1k-OOD "
+         "(darl.md §5; RICASSO's iNaturalist2018 val is the ricasso protocol's)",
+    large_sets=_IN1K_OOD)
+
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
     Protocol("offline", "the offline archives' sets (test_ood); not a paper protocol",
              (), "fpr95_idpos", "crop", "README: the offline data", paper=False,
              note="stand-ins: CIFAR-100 is a pooled 10k sample, Textures 10 of 47 DTD classes, "
                   "TinyImageNet 96 val classes; missing sets are skipped"),
-    Protocol("darl", "DARL / RICASSO: 7 sets, unweighted mean",
-             ("svhn", "dtd", "places365", "tin_val", "inaturalist", "lsun_c", "lsun_r"),
-             "fpr95_idpos", "crop", "darl.md §5 (OOD test sets), §6; ricasso.md §6",
-             note="iNaturalist is the MOS 10,000-image subset (the specs name iNaturalist2018 val, "
-                  "24,426); Places365 is the full 36,500 val; on ImageNet-LT: PASCL's ImageNet-1k-OOD "
-                  "(darl.md §5; RICASSO's iNaturalist2018 val is not read)",
-             large_sets=_IN1K_OOD),
+    _DARL,
+    # DARL's CIFAR sets; on ImageNet-LT the paper tests against iNaturalist2018 val only (Table 2).
+    dataclasses.replace(
+        _DARL, name="ricasso", title="RICASSO: DARL's 7 sets on CIFAR; iNaturalist 2018 val on ImageNet-LT",
+        source="ricasso.md §5 (OOD test sets), §6, §8 item 19; darl.md §5",
+        note="on CIFAR as darl: iNaturalist is the MOS 10,000-image subset, Places365 the full 36,500 val; "
+             "on ImageNet-LT the full iNaturalist 2018 val (24,426 images, 8,142 classes), which overlaps "
+             "ImageNet's animal and plant classes semantically (ricasso.md §8 item 19)",
+        large_sets=_INAT2018),
     Protocol("rna", "RNA: SC-OOD lists, sc_label >= 0 counted as ID, OOD-positive FPR95",
              _SCOOD, "fpr95_oodpos_oe", "square", "rna.md §4.5, §5.2; ltood_code_survey.md §1.3",
              sc_relabel=True, large_sets=_IN1K_OOD),
@@ -121,21 +134,19 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
              paper=False, large_sets=_OLTR_OPEN,
              note="large benchmarks only; OLTR itself reports open-set F-measure, not FPR95"),
 )}
-ALIASES = {"ricasso": "darl"}
 # Each method's own paper; methods without one take the protocol of the papers that ran them.
-METHOD_PROTOCOL = {"darl": "darl", "ricasso": "darl", "rna": "rna", "pascl": "pascl", "oe": "rna",
+METHOD_PROTOCOL = {"darl": "darl", "ricasso": "ricasso", "rna": "rna", "pascl": "pascl", "oe": "rna",
                    "energy_oe": "rna", "open_sampling": "open_sampling", "cala": "cala",
                    "cala_meta": "cala", "ce": "openood-v1.5", "la": "openood-v1.5"}
 
 
 def names() -> list[str]:
-    """Returns every protocol name (aliases included)."""
-    return list(PROTOCOLS) + list(ALIASES)
+    """Returns every protocol name."""
+    return list(PROTOCOLS)
 
 
 def get(name: str) -> Protocol:
     """Returns the protocol `name`; ValueError naming the accepted ones otherwise."""
-    name = ALIASES.get(name, name)
     if name not in PROTOCOLS:
         raise ValueError(f"unknown protocol '{name}'; accepted: {', '.join(names())}")
     return PROTOCOLS[name]

@@ -33,8 +33,7 @@ _LGLA_PLACES_NOTE = ("not as LGLA: no ColorJitter; LGLA splits the batch over 4 
                      "ResNet-152's layer3/layer4 into every expert, ours loads the state dict given")
 _RNA_IMAGENET = "RNA's ImageNet-LT setting, rna.md §4.1-4.2 (code: train.py with --dataset imagenet)"
 _RNA_IMAGENET_NOTE = ("not as RNA: ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 and RandomGrayscale(0.2) are not "
-                      "applied; outliers are outlier_set (no ImageNet-Extra loader yet), RNA's are "
-                      "ImageNet-Extra; RNA splits the 256 + 256 batch over 7 GPUs (DDP)")
+                      "applied; RNA splits the 256 + 256 batch over 7 GPUs (DDP)")
 
 
 @dataclass(frozen=True)
@@ -116,8 +115,8 @@ RECIPES: tuple[Recipe, ...] = (
         "not as the paper: the paper is two-stage (stage 1 fine-tunes the backbone with instance-balanced "
         "CE; stage 2 re-trains only the classifier with Open-sampling and class-balanced sampling on frozen "
         "features); ours trains the whole network once with Open-sampling from epoch 0 at the stage-2 "
-        "settings, one lr for all layers (cRT's backbone lr 0.01 is not separate); outliers are outlier_set "
-        "(no Places-Extra69 loader yet)", needs_pretrained=True),
+        "settings, one lr for all layers (cRT's backbone lr 0.01 is not separate); the outliers "
+        "are Places-Extra69 (outlier_set=auto)", needs_pretrained=True),
 )
 
 
