@@ -184,6 +184,8 @@ def build_plan(args: argparse.Namespace, searched: dict | None = None) -> dict:
     name = args.protocol or entry.protocol
     try:
         protocol = protocols.get(name)
+        if protocol.name != "offline":
+            protocol.sets_for(args.dataset)   # one line naming the sets' data sets if it has none here
     except ValueError as e:
         raise UsageError(f"--protocol {name}: {e}") from None
     preset = PRESETS[args.preset]

@@ -122,7 +122,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--val-ood", help="comma-separated validation OOD sets: synthetic ones or "
                                      f"{ood_sets.VAL_HOLDOUT} (tin_aux classes held out of training)")
     p.add_argument("--protocol", help=f"evaluation protocol: {', '.join(protocols.names())} (default: the "
-                                      "method's paper protocol; offline for the smoke preset)")
+                                      "method's paper protocol, the large set's own where that has none for it; "
+                                      "offline for the smoke preset)")
     p.add_argument("--allow-missing-ood", action="store_true",
                    help="under a paper protocol, run without the test OOD sets that are missing")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
@@ -247,8 +248,9 @@ def list_methods() -> None:
           f"trainables/recipes.py):")
     for recipe in recipes.RECIPES:
         v = recipe.values
-        schedule = "cosine" if v["lr_schedule"] == "cosine" else "steps " + ",".join(
-            f"{m * v['epochs']:g}" for m in v["lr_milestones"])
+        milestones = v.get("lr_milestones", ())
+        schedule = ("cosine" if v["lr_schedule"] == "cosine" else
+                    "steps " + ",".join(f"{m * v['epochs']:g}" for m in milestones) if milestones else "constant")
         print(f"  {recipe.name:<23} {v['backbone']}{' pretrained' if recipe.needs_pretrained else ''}, "
               f"{v['epochs']} epochs, batch {v['batch_size']}, {v['optimizer']} {v['lr']:g}, "
               f"wd {v['weight_decay']:.0e}, {schedule}".replace("e-0", "e-"))
@@ -316,7 +318,7 @@ def build_plan(args: argparse.Namespace) -> dict:
                          f"{', '.join(data.synthetic_names())}, or {ood_sets.VAL_HOLDOUT} "
                          "(test sets are never searched on)")
     # The smoke preset runs on the offline archives; every other budget defaults to the paper's protocol.
-    name = args.protocol or ("offline" if args.preset == "smoke" else protocols.for_method(args.method))
+    name = args.protocol or ("offline" if args.preset == "smoke" else protocols.for_method(args.method, args.dataset))
     try:
         protocol = protocols.get(name)
         protocol_sets = protocol.sets_for(args.dataset) if protocol.name != "offline" else ()
@@ -357,14 +359,16 @@ def build_plan(args: argparse.Namespace) -> dict:
 
 
 def paper_space(method: str, dataset: str, recipe: recipes.Recipe | None = None) -> spaces.Space:
-    """Returns the method's search space with its paper point on `dataset`: a searched field the
-    config fills per data set (CALA's K: 40 on CIFAR-10, 80 on CIFAR-100) or the recipe sets (its
-    learning rate) moves the point, and a log-uniform range with it (spaces.moved)."""
+    """Returns the method's search space with its paper point on `dataset`: the space's own ranges
+    and point for the set (spaces.get: EAT's abstention classes, COCL's λs on the large sets), then
+    a searched field the config fills per data set (CALA's K: 40 on CIFAR-10, 80 on CIFAR-100) or
+    the recipe sets (its learning rate) moves the point, and a log-uniform range with it
+    (spaces.moved)."""
     values = dict(getattr(registry.get(method).config_cls, "DATASET_DEFAULTS", {}).get(dataset, {}))
     if recipe is not None:
         values.update(recipe.values)
     try:
-        return spaces.moved(spaces.get(method), values)
+        return spaces.moved(spaces.get(method, dataset), values)
     except ValueError as e:
         raise UsageError(f"{method} on {dataset}: {e}") from None
 

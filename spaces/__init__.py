@@ -1,4 +1,7 @@
-"""Search spaces by method: each module holds SPACE (Optuna distributions) and PAPER_POINT."""
+"""Search spaces by method: each module holds SPACE (Optuna distributions) and PAPER_POINT, the
+paper's CIFAR-10 point. Where a paper's values differ on another data set, the module also holds
+DATASET_POINT (data set -> the values that differ) and, where its CIFAR range would not hold them,
+DATASET_SPACE (data set -> the ranges that replace CIFAR's)."""
 from __future__ import annotations
 
 import importlib
@@ -14,13 +17,21 @@ class Space:
     paper_point: dict[str, object]
 
 
-def get(method: str) -> Space:
-    """Returns the method's search space; ValueError if it has none."""
+def get(method: str, dataset: str = "cifar10") -> Space:
+    """Returns the method's search space on `dataset`: SPACE and PAPER_POINT with that data set's
+    DATASET_SPACE ranges and DATASET_POINT values; ValueError if the method has no space, or if a
+    paper point lies outside its range (a module that contradicts itself)."""
     try:
         module = importlib.import_module(f"spaces.{method}")
     except ModuleNotFoundError:
         raise ValueError(f"no search space for method {method!r}") from None
-    return Space(dict(module.SPACE), dict(module.PAPER_POINT))
+    distributions = {**module.SPACE, **getattr(module, "DATASET_SPACE", {}).get(dataset, {})}
+    point = {**module.PAPER_POINT, **getattr(module, "DATASET_POINT", {}).get(dataset, {})}
+    for name, value in point.items():
+        if not _contains(distributions[name], value):
+            raise ValueError(f"spaces.{method} on {dataset}: paper point {name}={value!r} lies outside "
+                             f"its searched {describe(distributions[name])}")
+    return Space(distributions, point)
 
 
 def describe(dist: BaseDistribution) -> str:

@@ -50,8 +50,10 @@ class Protocol:
                                  f"for {dataset}: {', '.join(having + ['offline'])}")
             return sets
         if self.large_sets and not self.sets:
+            having = [n for n, p in PROTOCOLS.items() if p.sets or n == "offline"]
             raise ValueError(f"protocol '{self.name}' has OOD sets only for "
-                             f"{', '.join(d for d, _ in self.large_sets)}, not for dataset {dataset}")
+                             f"{', '.join(d for d, _ in self.large_sets)}, not for dataset {dataset}; "
+                             f"accepted for {dataset}: {', '.join(having)}")
         return tuple(_for_id(name, dataset) for name in self.sets)
 
     def groups_for(self, dataset: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -152,9 +154,21 @@ def get(name: str) -> Protocol:
     return PROTOCOLS[name]
 
 
-def for_method(method: str) -> str:
-    """Returns the name of a method's default (paper) protocol."""
-    return METHOD_PROTOCOL.get(method, "openood-v1.5")
+# A large set's own benchmark, the default where a method's paper protocol has no sets for it:
+# ImageNet-1k-OOD on ImageNet-LT (RNA's and PASCL's benchmark, the `offline` default there; `rna`
+# is the protocol of the paper numbers we hold on that set) and OLTR's open set on Places-LT (the
+# `offline` default there, and what CALA's and Open-sampling's protocols take).
+DATASET_PROTOCOL = {"imagenet-lt": "rna", "places-lt": "oltr"}
+
+
+def for_method(method: str, dataset: str = "cifar10") -> str:
+    """Returns the name of a method's default protocol on `dataset`: its paper's, or the large
+    set's benchmark protocol (DATASET_PROTOCOL) where the paper's has no OOD sets for that set
+    (LA's `openood-v1.5` on Places-LT, CALA's `cala` on ImageNet-LT)."""
+    name = METHOD_PROTOCOL.get(method, "openood-v1.5")
+    if large_lt.is_large(dataset) and dataset not in dict(PROTOCOLS[name].large_sets):
+        return DATASET_PROTOCOL[dataset]
+    return name
 
 
 def load_sets(protocol: Protocol, dataset: str, data_dir: str | None, cache_dir: str, download: bool,

@@ -12,8 +12,8 @@ torchvision's).
 
 Methods and sets without an entry have no large-scale recipe in the specs: DARL and RICASSO
 report nothing on Places-LT (the LGLA config they build on is used for both), Energy-OE's
-ImageNet-LT row fine-tunes a CE model (not implemented), and LA's large-set numbers come from
-papers that do not give a schedule.
+ImageNet-LT row fine-tunes a CE model (not implemented), LA's large-set numbers come from
+papers that do not give a schedule, and RNA, PASCL, COCL and EAT never ran Places-LT.
 """
 from __future__ import annotations
 
@@ -96,6 +96,38 @@ RECIPES: tuple[Recipe, ...] = (
         "ce", f"{_RNA_IMAGENET}, as for OE (rna.md §8 items 1 and 3): Table 2's 'MSP' row is a CE model",
         "not as RNA: ColorJitter p=0.8 and RandomGrayscale(0.2) are not applied; RNA splits the batch over "
         "7 GPUs (DDP)", outliers=False),
+    Recipe("pascl", "imagenet-lt", {
+        "epochs": 100, "batch_size": 256, "outlier_batch_size": 256, "optimizer": "sgd", "lr": 0.1,
+        "momentum": 0.9, "nesterov": True, "weight_decay": 5e-5, "lr_schedule": "step",
+        "lr_milestones": (0.6, 0.8), "warmup_epochs": 0, "image_size": 224, "crop_min_scale": 0.2,
+        "backbone": "resnet50"},
+        "PASCL's ImageNet-LT setting, rna.md §8 item 7 and ltood_code_survey.md §2.2 (its README: stage1.py "
+        "--ds imagenet, SGD lr 0.1 · batch/256 at batch 256, wd 5e-5, x0.1 at epochs 60 and 80 of 100); "
+        "ImageNet-Extra outliers 1:1",
+        "not as PASCL: stage 2 (PASCL-FT: 3 epochs re-fitting BN and the classifier with logit-adjusted CE, "
+        "SGD 0.01), which gives the paper's accuracy, is not run; ColorJitter and RandomGrayscale are not "
+        "applied; PASCL splits the batch over its GPUs (DDP)"),
+    Recipe("eat", "imagenet-lt", {
+        "epochs": 60, "batch_size": 128, "outlier_batch_size": 128, "optimizer": "sgd", "lr": 0.05,
+        "momentum": 0.9, "nesterov": True, "weight_decay": 5e-5, "lr_schedule": "step", "lr_milestones": (),
+        "warmup_epochs": 0, "image_size": 224, "crop_min_scale": 0.2, "backbone": "resnet50"},
+        "EAT's README ImageNet command over stage1.py (ltood_code_survey.md §2.2): SGD Nesterov, lr 0.1 · "
+        "batch/256 = 0.05 at its batch 128, wd 5e-5, 60 epochs (its -e 60 overrides --epochs 100, so its "
+        "x0.1 milestones at 60 and 80 never fire: a constant rate); ImageNet-Extra outliers 1:1",
+        "not as EAT: stage 2 (the classifier fine-tune that gives the paper's accuracy) is not run; "
+        "ColorJitter and RandomGrayscale are not applied; EAT splits the batch over its GPUs (DDP)"),
+    Recipe("cocl", "imagenet-lt", {
+        "epochs": 100, "batch_size": 128, "outlier_batch_size": 256, "optimizer": "sgd", "lr": 0.1,
+        "momentum": 0.9, "nesterov": True, "weight_decay": 5e-5, "lr_schedule": "step",
+        "lr_milestones": (0.6, 0.8), "warmup_epochs": 0, "image_size": 224, "crop_min_scale": 0.2,
+        "backbone": "resnet50"},
+        "COCL's README ImageNet command (ltood_code_survey.md §2.2): lr 0.1 and λ1, λ2, λ3 = 0.02, 0.01, 0.01 "
+        "are published; the rest is our decision: the command runs stage1.py, PASCL's ImageNet script, "
+        "absent from COCL's release, so PASCL's ImageNet schedule (SGD Nesterov, wd 5e-5, x0.1 at 60 and "
+        "80 of 100 epochs); batch 128 and 256 outliers are COCL train.py's defaults",
+        "not as COCL: its optimiser, weight decay, schedule and epochs on ImageNet-LT are not published "
+        "(read literally, train.py's default Adam would run at lr 0.1); ColorJitter and RandomGrayscale are "
+        "not applied"),
     Recipe("cala", "places-lt", {
         "epochs": 30, "batch_size": 256, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": False,
         "weight_decay": 5e-4, "lr_schedule": "cosine", "warmup_epochs": 0, "image_size": 224,
