@@ -12,3 +12,7 @@ SPACE = {
 }
 
 PAPER_POINT = {"eta": 1.0, "alpha_scale": 1.01, "lr": 0.1}
+
+# The default α on the large sets, 1 + n_min / n_max of their lists: 5 / 1280 images per class on
+# ImageNet-LT, 5 / 4980 on Places-LT. (On CIFAR the point is IR 100's; IR 10 and 50 give 1.1, 1.02.)
+DATASET_POINT = {"imagenet-lt": {"alpha_scale": 1 + 5 / 1280}, "places-lt": {"alpha_scale": 1 + 5 / 4980}}

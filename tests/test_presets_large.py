@@ -167,3 +167,70 @@ def test_ricassos_one_tau_follows_lglas_per_set_value():
         assert space.paper_point["tau_energy"] == tau
         assert run.paper_space("darl", dataset, recipes.get("darl", dataset)).paper_point["tau_energy"] == 8.0
     assert run.paper_space("ricasso", "cifar10").paper_point["tau_energy"] == 3.0
+
+
+def test_pascl_eat_cocl_imagenet_lt_recipes_resolve_to_their_papers_schedules():
+    def resolved(method: str, preset: str = "paper"):
+        plan = run.build_plan(run.parse_args([method, "--dataset", "imagenet-lt", "--preset", preset]))
+        return plan, registry.get(method).config_cls.from_dict({**plan["config"], **plan["space"].paper_point})
+
+    # PASCL: SGD Nesterov 0.1 at batch 256 (+256 outliers), wd 5e-5, x0.1 at epochs 60 and 80 of 100.
+    plan, cfg = resolved("pascl")
+    assert (cfg.optimizer, cfg.lr, cfg.nesterov, cfg.weight_decay, cfg.batch_size, cfg.outlier_batch_size) == (
+        "sgd", 0.1, True, 5e-5, 256, 256)
+    assert [cfg.lr_at(e) for e in (0, 59, 60, 79, 80, 99)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    assert (plan["budget"]["epochs"], plan["budget"]["grace_period"], cfg.crop_min_scale) == (100, 40, 0.2)
+    # Its Adam range 2e-4-5e-3 around 1e-3 moves with the recipe's 0.1: 0.02-0.5.
+    lr = plan["space"].distributions["lr"]
+    assert (lr.low, lr.high) == (pytest.approx(0.02), pytest.approx(0.5))
+    assert "PASCL-FT" in cfg.recipe and plan["config"]["protocol"] == "pascl"
+    # EAT: 0.05 = 0.1 * 128 / 256 over 60 epochs; its milestones 60 and 80 never fire: constant.
+    plan, cfg = resolved("eat")
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.outlier_batch_size, cfg.epochs) == (
+        "sgd", 0.05, 5e-5, 128, 128, 60)
+    assert {cfg.lr_at(e) for e in range(60)} == {0.05}
+    assert plan["space"].paper_point["abstention_ratio"] == 0.03   # 30 abstention classes
+    _, small = resolved("eat", "small")
+    assert (small.epochs, small.lr_at(29)) == (30, 0.05)
+    # COCL: only lr 0.1 and its λs are published; PASCL's ImageNet schedule, its own 128 + 256 batch.
+    plan, cfg = resolved("cocl")
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.outlier_batch_size) == (
+        "sgd", 0.1, 5e-5, 128, 256)
+    assert (cfg.lambda_ocl, cfg.lambda_tail, cfg.lambda_head, cfg.lr_at(60)) == (0.02, 0.01, 0.01, pytest.approx(0.01))
+    assert "not published" in cfg.recipe
+    for method in ("pascl", "eat", "cocl"):   # no Places-LT recipe: none of the three papers ran it
+        assert recipes.get(method, "places-lt") is None
+
+
+def test_a_large_sets_default_protocol_has_sets_for_it_and_an_explicit_one_without_is_refused(capsys):
+    from trainables import protocols
+    for dataset in ("imagenet-lt", "places-lt"):
+        for method in registry.names():
+            name = protocols.for_method(method, dataset)
+            assert protocols.get(name).sets_for(dataset), (method, dataset)
+            paper = protocols.for_method(method)
+            if dataset in dict(protocols.get(paper).large_sets):   # the paper's protocol is kept where it can be
+                assert name == paper
+    # The papers' own where they have sets; the set's benchmark elsewhere (and CIFAR unchanged).
+    assert [protocols.for_method(m, "places-lt") for m in ("la", "darl", "rna", "cala", "open_sampling")] == [
+        "oltr", "oltr", "oltr", "cala", "open_sampling"]
+    assert [protocols.for_method(m, "imagenet-lt") for m in ("la", "ricasso", "cala", "open_sampling")] == [
+        "openood-v1.5", "ricasso", "rna", "rna"]
+    assert [protocols.for_method(m) for m in ("la", "open_sampling")] == ["openood-v1.5", "open_sampling"]
+    plan = run.build_plan(run.parse_args(["la", "--dataset", "places-lt", "--preset", "paper"]))
+    assert (plan["config"]["protocol"], plan["config"]["test_ood"]) == ("oltr", ("places_lt_open",))
+    plan = run.build_plan(run.parse_args(["open_sampling", "--dataset", "imagenet-lt", "--preset", "small"]))
+    assert (plan["config"]["protocol"], plan["config"]["test_ood"]) == ("rna", ("imagenet_1k_ood",))
+    expected = ("--protocol openood-v1.5: protocol 'openood-v1.5' has no OOD sets for dataset places-lt; "
+                "accepted for places-lt: open_sampling, cala, oltr, offline")
+    with pytest.raises(run.UsageError) as e:
+        run.build_plan(run.parse_args(["la", "--dataset", "places-lt", "--protocol", "openood-v1.5"]))
+    assert str(e.value) == expected
+    # reproduce.py: its default is the paper numbers' protocol; an explicit one without sets is one line.
+    assert reproduce.main(["cala", "--dataset", "places-lt", "--protocol", "rna",
+                           "--set", "pretrained=resnet152.pth"]) == 2
+    assert capsys.readouterr().err == ("error: --protocol rna: protocol 'rna' has no OOD sets for dataset "
+                                       "places-lt; accepted for places-lt: open_sampling, cala, oltr, offline\n")
+    with pytest.raises(run.UsageError, match="--protocol oltr: protocol 'oltr' has OOD sets only for imagenet-lt, "
+                                             "places-lt, not for dataset cifar10; accepted for cifar10: offline, darl"):
+        run.build_plan(run.parse_args(["la", "--protocol", "oltr"]))
