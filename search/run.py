@@ -237,6 +237,15 @@ def list_methods() -> None:
         width = max(len(p) for p in space.distributions)
         for param, dist in space.distributions.items():
             print(f"  {param:<{width}}  {spaces.describe(dist):<34} paper {space.paper_point.get(param)}")
+        for dataset in DATASETS[1:] if method_cls.large_scale else DATASETS[1:2]:
+            other = paper_space(name, dataset)   # without a recipe: its lr is listed below
+            changed = [f"{param} {spaces.describe(dist)} paper {other.paper_point[param]:.4g}"
+                       if dist != space.distributions[param] else f"{param} paper {other.paper_point[param]:.4g}"
+                       for param, dist in other.distributions.items()
+                       if (dist, other.paper_point[param]) != (space.distributions[param], space.paper_point[param])]
+            if changed:
+                print(textwrap.fill(f"on {dataset}: {'; '.join(changed)}", 100, initial_indent="  ",
+                                    subsequent_indent="    "))
     from trainables import posthoc, scores
     print(f"\nOOD scores, any method (--set ood_score=NAME; default: the method's own, rna's is rn): "
           f"{', '.join(scores.NAMES)}")

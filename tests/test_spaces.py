@@ -112,3 +112,11 @@ def test_a_space_module_whose_point_leaves_its_range_is_refused(monkeypatch):
     with pytest.raises(ValueError, match=r"spaces.eat on imagenet-lt: paper point abstention_ratio=0.3 lies "
                                          r"outside its searched uniform \[0.01, 0.1\]"):
         spaces.get("eat", "imagenet-lt")
+
+
+def test_list_shows_each_sets_own_ranges_and_points(capsys):
+    assert run.main(["--list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "  on imagenet-lt: abstention_ratio uniform [0.01, 0.1] paper 0.03" in out
+    assert "  on cifar100: lambda_pascl paper 0.02; temperature paper 0.2" in out
+    assert "  on cifar100: knn_k paper 80" in out   # CALA's K, from its config's per-set default
