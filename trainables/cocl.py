@@ -61,7 +61,8 @@ Large-scale setup (ImageNet-LT in the paper; the official `models/resnet_imagene
   and round(0.6 C), the same sets on the count-sorted CIFAR builds; ImageNet-LT's labels are not
   sorted by count, so there the code's "head" and "tail" are the first 401 and last 400 labels;
 - the recipe (the README's lr 0.1; the rest of its ImageNet schedule is not published) is not
-  this config's default: set it with --set.
+  this config's default: the cocl/imagenet-lt recipe (trainables.recipes), which `--preset
+  small|paper` trains, fills the rest with PASCL's ImageNet schedule (its note says so).
 
 Run one trial without Ray:  python -m trainables cocl --epochs 2 --data-dir DATA_DIR
 """

@@ -61,8 +61,8 @@ Large-scale setup (ImageNet-LT in the paper; the official `models/our_resnet_ima
 - outliers: all of the outlier set (the code's ImageNet-Extra ImageFolder), 1:1;
 - the paper's ImageNet recipe (SGD, Nesterov, lr 0.1 · batch/256 = 0.05 at its batch 128,
   weight decay 5e-5, 60 epochs: its command passes `--epochs 100` and then `-e 60`, and the last
-  wins, so its step milestones 60 and 80 never fire) is not this config's default: set it with
-  --set.
+  wins, so its step milestones 60 and 80 never fire) is not this config's default: it is the
+  eat/imagenet-lt recipe (trainables.recipes), which `--preset small|paper` trains.
 
 Run one trial without Ray:  python -m trainables eat --epochs 2 --data-dir DATA_DIR
 """

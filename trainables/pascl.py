@@ -49,7 +49,8 @@ Large-scale setup (ImageNet-LT in the paper; the official `models/resnet_imagene
   count-sorted CIFAR builds is the same set; ImageNet-LT's labels are not sorted by count, so
   there it picks the last 400 labels, not the 400 rarest classes;
 - the paper's ImageNet recipe (SGD, Nesterov, lr 0.1 · batch/256, weight decay 5e-5, steps at
-  epochs 60 and 80 of 100, batch 256) is not this config's default: set it with --set.
+  epochs 60 and 80 of 100, batch 256) is not this config's default: it is the pascl/imagenet-lt
+  recipe (trainables.recipes), which `--preset small|paper` trains.
 
 Run one trial without Ray:  python -m trainables pascl --epochs 2 --data-dir DATA_DIR
 """

@@ -42,7 +42,8 @@ Large-scale setup (ImageNet-LT, Places-LT; spec §2.1, §4.1, A6), the official 
   official code's DDP kept per-GPU statistics over each GPU's slice of the batch;
 - the paper's ImageNet recipe (SGD, Nesterov, momentum 0.9, lr 0.1, weight decay 5e-4, cosine
   over 100 epochs, batch 256 + 256, no warm-up) is not this config's default, which stays the
-  CIFAR one: set it with --set.
+  CIFAR one: it is the rna/imagenet-lt recipe (trainables.recipes), which `--preset small|paper`
+  trains.
 
 Run one trial without Ray:  python -m trainables rna --epochs 2 --data-dir DATA_DIR
 """
