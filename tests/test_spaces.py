@@ -120,3 +120,12 @@ def test_list_shows_each_sets_own_ranges_and_points(capsys):
     assert "  on imagenet-lt: abstention_ratio uniform [0.01, 0.1] paper 0.03" in out
     assert "  on cifar100: lambda_pascl paper 0.02; temperature paper 0.2" in out
     assert "  on cifar100: knn_k paper 80" in out   # CALA's K, from its config's per-set default
+
+
+def test_the_searcher_suggests_the_sets_paper_point_first():
+    from search import orchestrate   # Ray and Optuna, imported once for every case
+    for method, dataset in cases():
+        weights = ["--set", "pretrained=resnet152.pth"] if dataset == "places-lt" else []
+        plan = run.build_plan(run.parse_args([method, "--dataset", dataset, "--preset", "paper", *weights]))
+        first = orchestrate.searcher(plan["space"], "tpe", 0).suggest("trial-0")
+        assert first == plan["space"].paper_point, (method, dataset)
