@@ -101,12 +101,14 @@ def test_each_field_refuses_values_outside_its_range(method, cls, field):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_search_space_bounds_and_paper_point_are_accepted(method):
-    cls, space = registry.get(method).config_cls, spaces.get(method)
-    cls.from_dict(space.paper_point)
-    for param, dist in space.distributions.items():
-        values = dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
-        for value in values:
-            cls.from_dict({param: value})
+    cls = registry.get(method).config_cls
+    for dataset in ("cifar10", "cifar100", "imagenet-lt", "places-lt"):   # each set's own ranges
+        space = spaces.get(method, dataset)
+        cls.from_dict({"dataset": dataset, **space.paper_point})
+        for param, dist in space.distributions.items():
+            values = dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
+            for value in values:
+                cls.from_dict({"dataset": dataset, param: value})
 
 
 @pytest.mark.parametrize("values, message", [
