@@ -122,12 +122,12 @@ RECIPES: tuple[Recipe, ...] = (
         "lr_milestones": (0.6, 0.8), "warmup_epochs": 0, "image_size": 224, "crop_min_scale": 0.2,
         "backbone": "resnet50"},
         "COCL's README ImageNet command (ltood_code_survey.md §2.2): lr 0.1 and λ1, λ2, λ3 = 0.02, 0.01, 0.01 "
-        "are published; the rest is our decision: the command runs stage1.py, PASCL's ImageNet script, "
-        "absent from COCL's release, so PASCL's ImageNet schedule (SGD Nesterov, wd 5e-5, x0.1 at 60 and "
-        "80 of 100 epochs); batch 128 and 256 outliers are COCL train.py's defaults",
+        "are published; the rest is our decision: the command runs a stage1.py absent from COCL's release "
+        "(the name of PASCL's stage-1 script, whose ImageNet schedule we take: SGD Nesterov, wd 5e-5, x0.1 "
+        "at 60 and 80 of 100 epochs); batch 128 and 256 outliers are COCL train.py's defaults",
         "not as COCL: its optimiser, weight decay, schedule and epochs on ImageNet-LT are not published "
-        "(read literally, train.py's default Adam would run at lr 0.1); ColorJitter and RandomGrayscale are "
-        "not applied"),
+        "(if stage1.py kept train.py's default optimiser, it ran Adam at lr 0.1); ColorJitter and "
+        "RandomGrayscale are not applied"),
     Recipe("cala", "places-lt", {
         "epochs": 30, "batch_size": 256, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": False,
         "weight_decay": 5e-4, "lr_schedule": "cosine", "warmup_epochs": 0, "image_size": 224,
