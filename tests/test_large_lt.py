@@ -727,6 +727,7 @@ def test_cala_meta_large_meta_set_and_an_epoch(tree, tmp_path):
         size = int(((y_all == cell[0]) & (groups == cell[1])).sum())
         assert (i in ident.train_index) == (size - 1 < 2), (i, cell, size)
     assert sorted(set(ident.train_index) | set(meta)) == list(range(18))
+    assert 0 < len(set(meta) & set(ident.train_index)) < len(meta)   # both sides of the rule occur here
     record = ident.record
     assert record["meta_size"] == str(len(meta)) and record["meta_groups"] == "2"
     assert record["meta_per_group"] == "1" and "resnet18" in record["meta_group_features"]
@@ -749,14 +750,14 @@ def test_cala_meta_large_meta_set_and_an_epoch(tree, tmp_path):
 def test_cala_meta_large_needs_grouping_weights(tree, tmp_path):
     """No pretrained network and no meta_group_weights: one line naming what is accepted;
     meta_group_weights=pixels (the released code's rule) only when asked for."""
-    cls, cfg = meta_config(tree, tmp_path, pretrained=None)
     with pytest.raises(ValueError) as info:
-        cls(cfg, TRAIN_COUNTS, "cpu")
+        meta_config(tree, tmp_path, pretrained=None)
     message = str(info.value)
     assert len(message.splitlines()) == 1 and message.startswith("meta_group_weights=None with pretrained=None")
     assert "accepted: pretrained=FILE" in message and "meta_group_weights=pixels" in message
-    with pytest.raises(ValueError, match="meta_group_weights=None with pretrained=None"):
-        engine.prepare(cfg)
+    from search import run
+    with pytest.raises(run.UsageError, match="bad config: meta_group_weights=None with pretrained=None"):
+        run.build_plan(run.parse_args(["cala_meta", "--dataset", "places-lt"]))
     _, pixels = meta_config(tree, tmp_path, pretrained=None, meta_group_weights="pixels")
     ident = large_lt.load_id_data(engine.dataset_spec(pixels), tree, str(tmp_path / "cache"))
     assert "raw pixels" in ident.record["meta_group_features"] and 0 < len(ident.meta_index) <= 2 * 4

@@ -146,6 +146,7 @@ class MetaConfig(CalaConfig):
         super().__post_init__()
         if self.meta_virtual_params is None:
             self.meta_virtual_params = "all"
+        self.meta_grouping()   # a large set without a grouping network is refused before anything starts
 
     def meta_grouping(self) -> meta_set.MetaGrouping | None:
         """Returns how the meta set is drawn on a large set (None on CIFAR, whose meta set is
@@ -431,7 +432,6 @@ class MetaMethod(CalaMethod):
 
     def __init__(self, cfg: MetaConfig, counts: list[int], device: torch.device):
         super().__init__(cfg, counts, device)
-        cfg.meta_grouping()   # refuses a large set without a grouping network before anything loads
         out_dim = self.num_classes if cfg.meta_out == "per_class" else 1
         # Ω is drawn from its own seed so the backbone's initialisation matches other methods'.
         with torch.random.fork_rng(devices=[]):
