@@ -1,6 +1,7 @@
 """CALA (Zhou, Wu and Yang, AAAI 2025): class- and attribute-aware logit adjustment.
 
-Both variants train a CIFAR ResNet-32 with the CALA loss (Eq. 5), softmax cross-entropy on
+Both variants train a CIFAR ResNet-32 (on ImageNet-LT / Places-LT the set's torchvision ResNet) with the
+CALA loss (Eq. 5), softmax cross-entropy on
 
     z + τ1·log p_tr(y) + τ2·v(x, ·),
 
@@ -20,12 +21,16 @@ Meta-CALA's meta set on CIFAR deviates from the paper, which balances it over cl
 attributes (KMeans, 6 clusters per class, on pre-trained ResNet-50 features): no pre-trained
 network is assumed there, so it is class-balanced only: meta_per_class random images per class,
 held out by the engine after validation and before the long-tailed subsampling (as the released
-code holds out its meta set). On ImageNet-LT / Places-LT it is the paper's: meta_per_group
-image(s) per (class, KMeans group) of a pretrained ResNet's features (trainables.meta_set), and
-the virtual step moves only the last residual block and the classifier (meta_virtual_params). M = 3,000 on either CIFAR (meta_per_class 300 / 30, each data set's
-default). On CIFAR-100-LT at ρ = 100 the paper's tail class has 5 images, which needs n_max = 500,
-i.e. nothing held out: the 50 validation images a class already leave 4, and a meta set of up to
-50 a class keeps it at 4. A split that leaves any class under 2 images is refused.
+code holds out its meta set). M = 3,000 on either CIFAR (meta_per_class 300 / 30, each data
+set's default). On CIFAR-100-LT at ρ = 100 the paper's tail class has 5 images, which needs
+n_max = 500, i.e. nothing held out: the 50 validation images a class already leave 4, and a meta
+set of up to 50 a class keeps it at 4. A split that leaves any class under 2 images is refused.
+
+On ImageNet-LT / Places-LT the meta set is the paper's: meta_per_group image(s) per (class,
+KMeans group) of a pretrained ResNet's features, drawn from the training list and kept in
+training where removing them would leave a cell under 2 images (trainables.meta_set); the
+virtual step moves only the last residual block and the classifier (meta_virtual_params, the
+spec's [R] for big backbones).
 
 Run one trial without Ray:  python -m trainables cala --epochs 2 --data-dir DATA_DIR
 """
@@ -138,8 +143,8 @@ class MetaConfig(CalaConfig):
         **{name: {"meta_per_class": 0, "meta_virtual_params": "last_block_fc"} for name in LARGE_DATASETS}}
     ACCEPTS = {"meta_per_class": integer(0, none=True), "meta_batch_size": integer(1), "meta_lr": positive(),
                "meta_weight_decay": number(0), "meta_interval": integer(1), "meta_hidden": integer(1),
-               "meta_out": one_of(*META_OUTS), "meta_virtual_params": Accepts("choice", choices=VIRTUAL_PARAMS, none=True),
-               "meta_groups": integer(1), "meta_per_group": integer(1),
+               "meta_out": one_of(*META_OUTS), "meta_groups": integer(1), "meta_per_group": integer(1),
+               "meta_virtual_params": Accepts("choice", choices=VIRTUAL_PARAMS, none=True),
                "meta_group_weights": Accepts("text", none=True), "meta_group_arch": one_of(*GROUPING_ARCHS)}
 
     def __post_init__(self) -> None:
@@ -285,6 +290,9 @@ class CalaMethod(Method):
 
     def __init__(self, cfg: CalaConfig, counts: list[int], device: torch.device):
         super().__init__(cfg, counts, device)
+        if cfg.knn_k is None:   # only CIFAR has a data-set default (the paper gives none elsewhere)
+            raise ValueError(f"knn_k=None with dataset={cfg.dataset}: the paper gives no K for it; accepted: "
+                             f"an integer >= 1 (its grid: 10, 20, 40, 60, 80, 100)")
         check_counts(counts, cfg)
         self.log_prior = losses.log_prior(counts, device)              # u(y)
 
