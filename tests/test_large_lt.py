@@ -738,11 +738,22 @@ def test_cala_meta_large_meta_set_and_an_epoch(tree, tmp_path):
     for other in (again, fresh):
         assert np.array_equal(other.meta_index, meta) and np.array_equal(other.train_index, ident.train_index)
     # The virtual step's parameters on torchvision's ResNet-18.
-    names = [n for n, _ in cls(cfg, ident.counts, "cpu").build_model().named_parameters()]
+    method = cls(cfg, ident.counts, "cpu")
+    model = method.build_model()
+    names = [n for n, _ in model.named_parameters()]
     virtual = cala.virtual_step_names(names, "last_block_fc")
     assert virtual[0] == "trunk.layer4.1.conv1.weight" and virtual[-2:] == ["classifier.weight", "classifier.bias"]
     assert all(n.startswith(("trunk.layer4.1.", "classifier.")) for n in virtual)
     assert cala.virtual_step_names(names, "all") == names
+    # A restricted meta step still reaches Ω: it moves.
+    meta_x = torch.from_numpy(ident.meta.x).permute(0, 3, 1, 2)
+    method.begin_training(engine.TrainData(torch.zeros(0), torch.zeros(0), meta_x, torch.from_numpy(ident.meta.y)))
+    x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 0, 1, 1, 2, 3])
+    logits, feats = model(x)
+    zeta, _ = cala.characteristics(feats[0], logits[0], y, None, 4)
+    before = [p.detach().clone() for p in method.meta_net.parameters()]
+    method.meta_step(model, x, logits[0], zeta, y, np.random.RandomState(0))
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.meta_net.parameters()))
     out = engine.fit(cls, cfg, engine.LocalReporter(str(tmp_path / "run")))
     assert np.isfinite(out["train_loss"]) and np.isfinite(out["meta_loss"]) and 0 <= out["test_acc"] <= 1
 

@@ -58,9 +58,8 @@ def features(x_nhwc: np.ndarray, rows: np.ndarray, grouping: MetaGrouping, batch
     device = torch.device(grouping.device)
     net = None
     if grouping.features != "pixels":
-        net = models._torchvision_resnet(grouping.features, grouping.weights)
-        net.fc = torch.nn.Identity()
-        net = net.to(device).eval()
+        # Its classifier is fresh and unused: only the trunk's pretrained features are clustered.
+        net = models.create(grouping.features, 1, pretrained=grouping.weights).to(device).eval()
         view = large_lt.View(grouping.view_size)
     out = []
     with torch.inference_mode():
@@ -72,7 +71,7 @@ def features(x_nhwc: np.ndarray, rows: np.ndarray, grouping: MetaGrouping, batch
                                       antialias=True, align_corners=False)
                 out.append(small.flatten(1).cpu())
             else:
-                out.append(net(view.eval(x)).float().cpu())
+                out.append(net(view.eval(x))[1][0].float().cpu())   # feats [1, B, D] -> [B, D]
     return torch.cat(out).numpy() if out else np.zeros((0, 1), dtype=np.float32)
 
 
