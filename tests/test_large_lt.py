@@ -732,7 +732,9 @@ def test_cala_meta_large_meta_set_and_an_epoch(tree, tmp_path):
     assert record["meta_size"] == str(len(meta)) and record["meta_groups"] == "2"
     assert record["meta_per_group"] == "1" and "resnet18" in record["meta_group_features"]
     assert int(record["meta_kept_in_train"]) == len(set(meta) & set(ident.train_index))
-    # Seeded and cached: a second build (from the cached features) and a fresh one agree.
+    # Seeded and cached: a second build (from the cached features and groups) and a fresh one agree.
+    cached = sorted(f.split("-")[1] for f in os.listdir(tmp_path / "cache") if f.startswith("meta-"))
+    assert cached == ["features", "groups"]
     again = large_lt.load_id_data(engine.dataset_spec(cfg), tree, str(tmp_path / "cache"))
     fresh = large_lt.load_id_data(engine.dataset_spec(cfg), tree, str(tmp_path / "fresh"))
     for other in (again, fresh):

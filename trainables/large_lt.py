@@ -286,10 +286,9 @@ def load_id_data(spec: data.DatasetSpec, data_dir: str | None, cache_dir: str) -
     if spec.meta_grouping is not None:
         # Drawn from the (capped) training list only: validation and test stay whole.
         grouping, train_rows = spec.meta_grouping, index["train"]
-        feats = meta_set.cached_features(arrays["train"], train_rows, grouping, cache_dir,
-                                         _cache_key(list_path(info, root, "train"), root, side))
         y_rows = labels["train"][train_rows]
-        groups = meta_set.kmeans_groups(feats, y_rows, grouping.groups, spec.seed)
+        groups = meta_set.cached_groups(arrays["train"], train_rows, y_rows, grouping, spec.seed, cache_dir,
+                                        _cache_key(list_path(info, root, "train"), root, side))
         meta_rows, keep_rows, kept = meta_set.draw(y_rows, groups, grouping.per_group, spec.seed)
         meta_index, index["train"] = train_rows[meta_rows], train_rows[keep_rows]
         cells = len({(int(c), int(g)) for c, g in zip(y_rows, groups)})

@@ -46,7 +46,7 @@ class MetaGrouping:
 
     def rule(self) -> str:
         return (f"{self.per_group} image(s) per (class, group); groups: sklearn KMeans, k = min({self.groups}, "
-                f"class size), n_init={KMEANS_INIT}, random_state=split_seed, per class of the training list "
+                f"class size), n_init={KMEANS_INIT}, random_state=split_seed, float32 features, per class of the training list "
                 f"(after n_max); a cell's meta images stay in training when removing them would leave it "
                 f"< {MIN_LEFT_IN_CELL} images; empty cells skipped")
 
@@ -75,10 +75,28 @@ def features(x_nhwc: np.ndarray, rows: np.ndarray, grouping: MetaGrouping, batch
     return torch.cat(out).numpy() if out else np.zeros((0, 1), dtype=np.float32)
 
 
-def cached_features(x_nhwc: np.ndarray, rows: np.ndarray, grouping: MetaGrouping, cache_dir: str,
-                    key: str) -> np.ndarray:
-    """Returns `features(x_nhwc, rows, grouping)`, read from `cache_dir` when this `key` (naming
-    the images), these rows and this grouping were computed before; written atomically otherwise."""
+def _cached(path: str, build) -> np.ndarray:
+    """Returns the array at `path`, or `build()` written there atomically first."""
+    if os.path.isfile(path):
+        try:
+            return np.load(path)
+        except (OSError, ValueError):
+            pass   # an unreadable cache is rebuilt below
+    found = build()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
+    with os.fdopen(handle, "wb") as f:
+        np.save(f, found)
+    os.chmod(tmp, 0o644)   # other users sharing the cache may read it
+    os.replace(tmp, path)
+    return found
+
+
+def cached_groups(x_nhwc: np.ndarray, rows: np.ndarray, y_rows: np.ndarray, grouping: MetaGrouping,
+                  seed: int, cache_dir: str, key: str) -> np.ndarray:
+    """Returns `kmeans_groups` of `features(x_nhwc, rows, grouping)` for labels y_rows, both read
+    from `cache_dir` when this `key` (naming the images), these rows and this grouping were
+    computed before (the features for any k and seed); written atomically otherwise."""
     weights = grouping.weights
     if weights and os.path.isfile(weights):
         stat = os.stat(weights)
@@ -86,19 +104,10 @@ def cached_features(x_nhwc: np.ndarray, rows: np.ndarray, grouping: MetaGrouping
     digest = hashlib.sha1("|".join([key, grouping.features, str(weights), str(grouping.view_size),
                                     hashlib.sha1(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()]).encode()
                            ).hexdigest()[:12]
-    path = os.path.join(cache_dir, f"meta-features-{digest}.npy")
-    if os.path.isfile(path):
-        try:
-            return np.load(path)
-        except (OSError, ValueError):
-            pass   # an unreadable cache is rebuilt below
-    found = features(x_nhwc, rows, grouping)
-    os.makedirs(cache_dir, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".npy")
-    with os.fdopen(handle, "wb") as f:
-        np.save(f, found)
-    os.replace(tmp, path)
-    return found
+    feats_path = os.path.join(cache_dir, f"meta-features-{digest}.npy")
+    groups_path = os.path.join(cache_dir, f"meta-groups-{digest}-k{grouping.groups}-s{seed}.npy")
+    return _cached(groups_path, lambda: kmeans_groups(
+        _cached(feats_path, lambda: features(x_nhwc, rows, grouping)), y_rows, grouping.groups, seed))
 
 
 def kmeans_groups(feats: np.ndarray, y: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -111,7 +120,7 @@ def kmeans_groups(feats: np.ndarray, y: np.ndarray, k: int, seed: int) -> np.nda
         clusters = min(k, len(rows))
         if clusters > 1:
             groups[rows] = KMeans(clusters, n_init=KMEANS_INIT, random_state=seed).fit_predict(
-                feats[rows].astype(np.float64))
+                np.asarray(feats[rows], dtype=np.float32))
     return groups
 
 
