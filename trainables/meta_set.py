@@ -45,16 +45,17 @@ class MetaGrouping:
                 f"eval view {self.view_size}")
 
     def rule(self) -> str:
+        """Returns the meta set's rule as logged with the run."""
         return (f"{self.per_group} image(s) per (class, group); groups: sklearn KMeans, k = min({self.groups}, "
-                f"class size), n_init={KMEANS_INIT}, random_state=split_seed, float32 features, per class of the training list "
-                f"(after n_max); a cell's meta images stay in training when removing them would leave it "
-                f"< {MIN_LEFT_IN_CELL} images; empty cells skipped")
+                f"class size), n_init={KMEANS_INIT}, random_state=split_seed, float32 features, per class of "
+                f"the training list (after n_max); a cell's meta images stay in training when removing them "
+                f"would leave it < {MIN_LEFT_IN_CELL} images; empty cells skipped")
 
 
 def features(x_nhwc: np.ndarray, rows: np.ndarray, grouping: MetaGrouping, batch: int = 128) -> np.ndarray:
     """Returns float32 [len(rows), D]: the grouping features of the uint8 images x_nhwc[rows]
     ([N, S, S, 3]; read `batch` rows at a time, so a memory-mapped set is never read whole)."""
-    from trainables import large_lt, models   # large_lt builds on this module's caller
+    from trainables import large_lt, models   # imported here: large_lt imports this module
     device = torch.device(grouping.device)
     net = None
     if grouping.features != "pixels":
