@@ -662,3 +662,115 @@ def test_eat_large_abstention_classes_and_split(tree, tmp_path):
     out = engine.fit(cls, cfg, engine.LocalReporter(str(tmp_path / "run")))
     assert np.isfinite(out["train_loss"]) and 0 <= out["test_acc"] <= 1 and 0 <= out["test_auroc"] <= 1
     assert out["pasted_rows"] > 0   # the 5 tail images (classes 2, 3) fall in some batch
+
+
+# ----------------------------------------------------------------------------- Meta-CALA's meta set
+
+
+def test_meta_cell_rule_by_hand():
+    """Pitfall row 18 on a crafted case: a cell's meta image leaves training only when the cell
+    keeps >= 2 images; a class with fewer images than k gets one group per image."""
+    from trainables import meta_set
+    y = np.array([0, 0, 0, 0, 0, 1, 1, 1, 2])
+    groups = np.array([0, 0, 0, 1, 1, 0, 1, 1, 0])
+    # Cells (0,0): 3 images -> 1 meta, removed; (0,1): 2 -> kept; (1,0): 1, (1,1): 2, (2,0): 1 -> kept.
+    meta, train, kept = meta_set.draw(y, groups, 1, seed=0)
+    assert len(meta) == 5 and kept == 4 and len({(y[i], groups[i]) for i in meta}) == 5
+    assert sorted(set(range(9)) - set(train)) == [i for i in meta if (y[i], groups[i]) == (0, 0)]
+    assert [i for i in meta if (y[i], groups[i]) == (0, 0)][0] in (0, 1, 2)
+    again = meta_set.draw(y, groups, 1, seed=0)
+    assert np.array_equal(again[0], meta) and np.array_equal(again[1], train)
+    # Two per cell: (0,0) gives 2 and keeps 1 < 2, so nothing leaves training.
+    meta2, train2, kept2 = meta_set.draw(y, groups, 2, seed=0)
+    assert len(meta2) == 2 + 2 + 1 + 2 + 1 and len(train2) == 9 and kept2 == len(meta2)
+    # KMeans per class: two well-separated blobs in class 0 are its two groups; class 1 (one image) is group 0.
+    feats = np.array([[0, 0], [0.1, 0], [10, 10], [10.1, 10], [5, 5]], dtype=np.float32)
+    found = meta_set.kmeans_groups(feats, np.array([0, 0, 0, 0, 1]), 2, seed=0)
+    assert found[0] == found[1] != found[2] == found[3] and found[4] == 0
+    assert set(meta_set.kmeans_groups(feats, np.array([0, 0, 0, 0, 1]), 6, seed=0)[:4]) == {0, 1, 2, 3}
+
+
+def meta_config(tree, tmp_path, **values):
+    import torchvision
+    weights = tmp_path / "r18.pt"
+    if not weights.exists():
+        torch.manual_seed(0)
+        torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    cls = registry.get("cala_meta")
+    return cls, cls.config_cls.from_dict({**dict(
+        dataset="imagenet-lt", image_store_side=SIDE, image_size=16, ood_score="msp", backbone="resnet18",
+        pretrained=str(weights), data_dir=tree, cache_dir=str(tmp_path / "cache"), download=False,
+        val_per_class=1, epochs=1, batch_size=6, eval_batch_size=8, val_ood=("rademacher",), val_ood_size=8,
+        warmup_epochs=0, lr=0.001, knn_k=4, meta_groups=2, meta_batch_size=4), **values})
+
+
+def test_cala_meta_large_meta_set_and_an_epoch(tree, tmp_path):
+    """cala_meta on the tiny ImageNet-LT tree ([8, 5, 3, 2]), k = 2 groups of the run's own
+    ResNet-18 ('pretrained' random weights): <= 1 meta image per (class, group), the <2-per-cell
+    rule, seeded and cached, recorded; the virtual step moves only layer4's last block + fc; an
+    epoch trains."""
+    from trainables import cala, meta_set
+    cls, cfg = meta_config(tree, tmp_path)
+    assert cfg.meta_virtual_params == "last_block_fc" and "meta_virtual_params=last_block_fc" in cfg.dataset_defaults
+    ident = engine.prepare(cfg).id
+    grouping = cfg.meta_grouping()
+    train_list, _ = large_lt.cached_list(os.path.join(tree, "ImageNet_LT", "ImageNet_LT_train.txt"),
+                                         os.path.join(tree, "ImageNet_LT"), SIDE, str(tmp_path / "cache"), "x")
+    y_all = np.repeat(np.arange(4), TRAIN_COUNTS)
+    rows = np.arange(len(y_all))
+    groups = meta_set.kmeans_groups(meta_set.features(train_list, rows, grouping), y_all, 2, cfg.split_seed)
+    meta = ident.meta_index
+    cells = [(int(y_all[i]), int(groups[i])) for i in meta]
+    assert len(cells) == len(set(cells)) == len(set(zip(y_all.tolist(), groups.tolist())))   # one per cell
+    assert np.array_equal(ident.meta.y, y_all[meta])
+    for i, cell in zip(meta, cells):
+        size = int(((y_all == cell[0]) & (groups == cell[1])).sum())
+        assert (i in ident.train_index) == (size - 1 < 2), (i, cell, size)
+    assert sorted(set(ident.train_index) | set(meta)) == list(range(18))
+    assert 0 < len(set(meta) & set(ident.train_index)) < len(meta)   # both sides of the rule occur here
+    record = ident.record
+    assert record["meta_size"] == str(len(meta)) and record["meta_groups"] == "2"
+    assert record["meta_per_group"] == "1" and "resnet18" in record["meta_group_features"]
+    assert int(record["meta_kept_in_train"]) == len(set(meta) & set(ident.train_index))
+    # Seeded and cached: a second build (from the cached features and groups) and a fresh one agree.
+    cached = sorted(f.split("-")[1] for f in os.listdir(tmp_path / "cache") if f.startswith("meta-"))
+    assert cached == ["features", "groups"]
+    again = large_lt.load_id_data(engine.dataset_spec(cfg), tree, str(tmp_path / "cache"))
+    fresh = large_lt.load_id_data(engine.dataset_spec(cfg), tree, str(tmp_path / "fresh"))
+    for other in (again, fresh):
+        assert np.array_equal(other.meta_index, meta) and np.array_equal(other.train_index, ident.train_index)
+    # The virtual step's parameters on torchvision's ResNet-18.
+    method = cls(cfg, ident.counts, "cpu")
+    model = method.build_model()
+    names = [n for n, _ in model.named_parameters()]
+    virtual = cala.virtual_step_names(names, "last_block_fc")
+    assert virtual[0] == "trunk.layer4.1.conv1.weight" and virtual[-2:] == ["classifier.weight", "classifier.bias"]
+    assert all(n.startswith(("trunk.layer4.1.", "classifier.")) for n in virtual)
+    assert cala.virtual_step_names(names, "all") == names
+    # A restricted meta step still reaches Ω: it moves.
+    meta_x = torch.from_numpy(ident.meta.x).permute(0, 3, 1, 2)
+    method.begin_training(engine.TrainData(torch.zeros(0), torch.zeros(0), meta_x, torch.from_numpy(ident.meta.y)))
+    x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 0, 1, 1, 2, 3])
+    logits, feats = model(x)
+    zeta, _ = cala.characteristics(feats[0], logits[0], y, None, 4)
+    before = [p.detach().clone() for p in method.meta_net.parameters()]
+    method.meta_step(model, x, logits[0], zeta, y, np.random.RandomState(0))
+    assert any(not torch.equal(a, b) for a, b in zip(before, method.meta_net.parameters()))
+    out = engine.fit(cls, cfg, engine.LocalReporter(str(tmp_path / "run")))
+    assert np.isfinite(out["train_loss"]) and np.isfinite(out["meta_loss"]) and 0 <= out["test_acc"] <= 1
+
+
+def test_cala_meta_large_needs_grouping_weights(tree, tmp_path):
+    """No pretrained network and no meta_group_weights: one line naming what is accepted;
+    meta_group_weights=pixels (the released code's rule) only when asked for."""
+    with pytest.raises(ValueError) as info:
+        meta_config(tree, tmp_path, pretrained=None)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and message.startswith("meta_group_weights=None with pretrained=None")
+    assert "accepted: pretrained=FILE" in message and "meta_group_weights=pixels" in message
+    from search import run
+    with pytest.raises(run.UsageError, match="bad config: meta_group_weights=None with pretrained=None"):
+        run.build_plan(run.parse_args(["cala_meta", "--dataset", "places-lt"]))
+    _, pixels = meta_config(tree, tmp_path, pretrained=None, meta_group_weights="pixels")
+    ident = large_lt.load_id_data(engine.dataset_spec(pixels), tree, str(tmp_path / "cache"))
+    assert "raw pixels" in ident.record["meta_group_features"] and 0 < len(ident.meta_index) <= 2 * 4

@@ -1,6 +1,7 @@
 """CALA (Zhou, Wu and Yang, AAAI 2025): class- and attribute-aware logit adjustment.
 
-Both variants train a CIFAR ResNet-32 with the CALA loss (Eq. 5), softmax cross-entropy on
+Both variants train a CIFAR ResNet-32 (on ImageNet-LT / Places-LT the set's torchvision ResNet) with the
+CALA loss (Eq. 5), softmax cross-entropy on
 
     z + τ1·log p_tr(y) + τ2·v(x, ·),
 
@@ -16,14 +17,20 @@ adjustment at test time). They differ only in how v is estimated:
 CALA is not an OOD detector: the test-time OOD score is the post-hoc cfg.ood_score (energy by
 default) on the raw logits, from the base class.
 
-Deviation (Meta-CALA): the paper balances its meta set over classes and attributes (KMeans, 6
-clusters per class, on pre-trained ResNet-50 features). No pre-trained network is available
-offline, so our meta set is class-balanced only: meta_per_class random images per class, held
-out by the engine after validation and before the long-tailed subsampling (as the released code
-holds out its meta set). M = 3,000 on either CIFAR (meta_per_class 300 / 30, each data set's
-default). On CIFAR-100-LT at ρ = 100 the paper's tail class has 5 images, which needs n_max = 500,
-i.e. nothing held out: the 50 validation images a class already leave 4, and a meta set of up to
-50 a class keeps it at 4. A split that leaves any class under 2 images is refused.
+Meta-CALA's meta set on CIFAR deviates from the paper, which balances it over classes and
+attributes (KMeans, 6 clusters per class, on pre-trained ResNet-50 features): no pre-trained
+network is assumed there, so it is class-balanced only: meta_per_class random images per class,
+held out by the engine after validation and before the long-tailed subsampling (as the released
+code holds out its meta set). M = 3,000 on either CIFAR (meta_per_class 300 / 30, each data
+set's default). On CIFAR-100-LT at ρ = 100 the paper's tail class has 5 images, which needs
+n_max = 500, i.e. nothing held out: the 50 validation images a class already leave 4, and a meta
+set of up to 50 a class keeps it at 4. A split that leaves any class under 2 images is refused.
+
+On ImageNet-LT / Places-LT the meta set is the paper's: meta_per_group image(s) per (class,
+KMeans group) of a pretrained ResNet's features, drawn from the training list and kept in
+training where removing them would leave a cell under 2 images (trainables.meta_set); the
+virtual step moves only the last residual block and the classifier (meta_virtual_params, the
+spec's [R] for big backbones).
 
 Run one trial without Ray:  python -m trainables cala --epochs 2 --data-dir DATA_DIR
 """
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,12 +48,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from trainables import augment, losses
-from trainables.config import FLAG, Accepts, TrainConfig, integer, number, one_of, positive
+from trainables import augment, large_lt, losses, meta_set
+from trainables.config import (FLAG, LARGE_DATASETS, Accepts, TrainConfig, integer, number, one_of,
+                               positive)
 from trainables.method import Batch, Method, TrainData
 
 V_MODES = ("log", "l2_ratio")
 META_OUTS = ("per_class", "gt_scalar")
+VIRTUAL_PARAMS = ("all", "last_block_fc")
+GROUPING_ARCHS = ("resnet18", "resnet50", "resnet152")
 NUM_BASE_CHARACTERISTICS = 21   # ζ1..ζ21 of Table A-1; ζ22..ζ42 are their changes
 
 
@@ -112,12 +123,60 @@ class MetaConfig(CalaConfig):
     meta_interval: int = 1           # steps between meta updates (Alg. A-2: every step; code 20)
     meta_hidden: int = 200           # width of the adjustment MLP (code)
     meta_out: str = "per_class"      # "per_class": δ ∈ R^C | "gt_scalar": δ = s·onehot(y)
-    # M = 3,000 on CIFAR-LT (spec §3.7.1): 300 a class on CIFAR-10, 30 on CIFAR-100.
+    # Parameters the virtual step moves (Eq. A.12): "all" (the paper), or "last_block_fc", the
+    # last residual block and the classifier (spec §3.7 [R] for big backbones, as MetaSAug on
+    # ImageNet-scale data). None: "all" on CIFAR, "last_block_fc" on the large sets.
+    meta_virtual_params: str | None = None
+    # The large sets' meta set (spec §3.7.1, pitfall row 18): meta_per_group images per (class,
+    # group), groups = KMeans(meta_groups) per class on a pretrained ResNet's features.
+    meta_groups: int = 6             # k (paper)
+    meta_per_group: int = 1          # 1 on iNat / Places-LT (paper; 2 on the GLT sets)
+    # The grouping network's weights: None = the run's own backbone and `pretrained`; a
+    # torchvision state-dict file of meta_group_arch (or "imagenet"); "pixels" = the released
+    # code's KMeans on raw pixels, only when asked for.
+    meta_group_weights: str | None = None
+    meta_group_arch: str = "resnet50"   # the paper's grouping network, for meta_group_weights=FILE
+    # M = 3,000 on CIFAR-LT (spec §3.7.1): 300 a class on CIFAR-10, 30 on CIFAR-100. The large
+    # sets draw theirs per (class, group) instead, and restrict the virtual step.
     DATASET_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
-        "cifar10": {"knn_k": 40, "meta_per_class": 300}, "cifar100": {"knn_k": 80, "meta_per_class": 30}}
+        "cifar10": {"knn_k": 40, "meta_per_class": 300}, "cifar100": {"knn_k": 80, "meta_per_class": 30},
+        **{name: {"meta_per_class": 0, "meta_virtual_params": "last_block_fc"} for name in LARGE_DATASETS}}
     ACCEPTS = {"meta_per_class": integer(0, none=True), "meta_batch_size": integer(1), "meta_lr": positive(),
                "meta_weight_decay": number(0), "meta_interval": integer(1), "meta_hidden": integer(1),
-               "meta_out": one_of(*META_OUTS)}
+               "meta_out": one_of(*META_OUTS), "meta_groups": integer(1), "meta_per_group": integer(1),
+               "meta_virtual_params": Accepts("choice", choices=VIRTUAL_PARAMS, none=True),
+               "meta_group_weights": Accepts("text", none=True), "meta_group_arch": one_of(*GROUPING_ARCHS)}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.meta_virtual_params is None:
+            self.meta_virtual_params = "all"
+        self.meta_grouping()   # a large set without a grouping network is refused before anything starts
+
+    def meta_grouping(self) -> meta_set.MetaGrouping | None:
+        """Returns how the meta set is drawn on a large set (None on CIFAR, whose meta set is
+        meta_per_class held out per class). ValueError, one line, when no grouping network is
+        given."""
+        if self.dataset not in LARGE_DATASETS:
+            return None
+        if self.meta_group_weights == "pixels":
+            arch, weights = "pixels", None
+        elif self.meta_group_weights is not None:
+            arch, weights = self.meta_group_arch, self.meta_group_weights
+        else:
+            arch = self.backbone if self.backbone != "auto" else large_lt.SETS[self.dataset].backbone
+            weights = self.pretrained
+            if not weights:
+                raise ValueError(
+                    f"meta_group_weights=None with pretrained=None: cala_meta on {self.dataset} groups each class "
+                    f"by KMeans on a pretrained ResNet's features; accepted: pretrained=FILE (the run's {arch}), "
+                    f"meta_group_weights=FILE (a torchvision {self.meta_group_arch} state dict) or "
+                    f"meta_group_weights=pixels (the released code's raw-pixel KMeans)")
+        device = self.device
+        if device == "auto":   # where the trial will train (engine.resolve_device)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return meta_set.MetaGrouping(groups=self.meta_groups, per_group=self.meta_per_group, features=arch,
+                                     weights=weights, view_size=self.image_size, device=device)
 
 
 # -- the loss (both variants) ------------------------------------------------------------------
@@ -231,6 +290,9 @@ class CalaMethod(Method):
 
     def __init__(self, cfg: CalaConfig, counts: list[int], device: torch.device):
         super().__init__(cfg, counts, device)
+        if cfg.knn_k is None:   # only CIFAR has a data-set default (the paper gives none elsewhere)
+            raise ValueError(f"knn_k=None with dataset={cfg.dataset}: the paper gives no K for it; accepted: "
+                             f"an integer >= 1 (its grid: 10, 20, 40, 60, 80, 100)")
         check_counts(counts, cfg)
         self.log_prior = losses.log_prior(counts, device)              # u(y)
 
@@ -334,6 +396,20 @@ def characteristics(h: torch.Tensor, z: torch.Tensor, y: torch.Tensor, prev: tor
         return torch.cat([cur, change], 1), cur
 
 
+def virtual_step_names(names: list[str], which: str) -> list[str]:
+    """Returns the parameter names the virtual step moves: all of them, or ("last_block_fc")
+    those from the last residual block on (its `layerN.i.` block, then the classifier), in the
+    model's order. ValueError, one line, for a model without residual blocks."""
+    if which == "all":
+        return names
+    blocks = [re.match(r"(.*layer\d+\.\d+\.)", name) for name in names]
+    last = [m.group(1) for m in blocks if m]
+    if not last:
+        raise ValueError(f"meta_virtual_params={which!r}: the model has no residual blocks (layerN.i); "
+                         f"accepted: {', '.join(VIRTUAL_PARAMS[:1])} for this model")
+    return names[next(i for i, name in enumerate(names) if name.startswith(last[-1])):]
+
+
 class AdjustmentNet(nn.Module):
     """Ω: BN1d(42) → Linear → ReLU → Linear → ReLU → Linear(out) (spec §3.7.3).
 
@@ -358,7 +434,6 @@ class MetaMethod(CalaMethod):
 
     config_cls = MetaConfig
     name = "cala_meta"
-    large_scale = False   # its meta set is held out of CIFAR's training split; none of the split lists
     compilable = False   # the meta step differentiates through `functional_call` on the model
     summary = ("Meta-CALA: CALA's adjustment from a meta-learned network on a balanced meta set, "
                "ResNet-32, energy score")
@@ -410,7 +485,8 @@ class MetaMethod(CalaMethod):
         """One Ω update (Eqs. A.12-A.13); returns the meta loss. z [B, C] = f_W(x) with its graph.
 
         Virtual step: Ŵ = W − η1·∇_W ℓ_CALA(z, y; δ(ζ; Ω)), plain SGD at the current lr (no
-        momentum or weight decay); then Ω takes an Adam step on CE(f_Ŵ(x_meta), y_meta). The
+        momentum or weight decay), over the parameters cfg.meta_virtual_params names (the rest
+        stay W); then Ω takes an Adam step on CE(f_Ŵ(x_meta), y_meta). The
         virtual passes use copies of the BN buffers, so only the real forward moves them.
 
         The whole step runs in fp32 whatever the trial's precision: a second-order gradient
@@ -419,6 +495,7 @@ class MetaMethod(CalaMethod):
         """
         cfg = self.cfg
         params = dict(model.named_parameters())
+        virtual = virtual_step_names(list(params), cfg.meta_virtual_params)
         reduced = torch.is_autocast_enabled(x.device.type) or z.dtype != torch.float32
         with torch.autocast(x.device.type, enabled=False):
             if reduced:
@@ -426,9 +503,12 @@ class MetaMethod(CalaMethod):
                 z = functional_call(model, {**params, **buffers}, (x.float(),))[0][0]
             inner = cala_loss(z, y, y, 1.0, self.log_prior, self.adjustment(zeta.float(), y),
                               cfg.tau1, cfg.tau2)
-            grads = torch.autograd.grad(inner, list(params.values()), create_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(inner, [params[name] for name in virtual], create_graph=True,
+                                        allow_unused=True)
             lr = cfg.lr_at(self.epoch)
-            fast = {name: p if g is None else p - lr * g for (name, p), g in zip(params.items(), grads)}
+            fast = dict(params)
+            fast.update({name: params[name] if g is None else params[name] - lr * g
+                         for name, g in zip(virtual, grads)})
             buffers = {name: b.clone() for name, b in model.named_buffers()}
             x_meta, y_meta = self.meta_batch(rng)
             logits_meta, _ = functional_call(model, {**fast, **buffers}, (x_meta,))

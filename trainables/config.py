@@ -299,6 +299,11 @@ class TrainConfig:
                 "channels_last": auto(self.channels_last), "fused_optimizer": auto(self.fused_optimizer),
                 "compile": self.compile}
 
+    def meta_grouping(self):
+        """Returns how a large set's meta set is drawn (trainables.meta_set.MetaGrouping), or
+        None: no method but Meta-CALA draws one there."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         """Returns the config as a flat dict of plain values."""
         return dataclasses.asdict(self)

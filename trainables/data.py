@@ -114,6 +114,8 @@ class DatasetSpec:
     meta_per_class: int = 0  # a balanced meta set held out after validation (Meta-CALA)
     store_side: int = 256    # large sets only: the cached images' side (trainables.large_lt)
     val_source: str = "holdout"  # a key of VAL_SOURCES
+    # Large sets only: Meta-CALA's meta set per (class, KMeans group) (trainables.meta_set)
+    meta_grouping: "MetaGrouping | None" = None  # noqa: F821
 
     @property
     def held_out(self) -> int:
@@ -167,7 +169,8 @@ class LongTailData:
     train_index: np.ndarray = field(default_factory=_empty_index)
     val_index: np.ndarray = field(default_factory=_empty_index)
     test_index: np.ndarray = field(default_factory=_empty_index)
-    meta: ImageSet | None = None  # balanced meta set (only when meta_per_class > 0)
+    meta: ImageSet | None = None  # balanced meta set (meta_per_class > 0, or a large set's meta_grouping)
+    meta_index: np.ndarray = field(default_factory=_empty_index)  # into the official training split
 
     @property
     def num_classes(self) -> int:
@@ -642,6 +645,7 @@ def load_id_data(
         val_index=val_index,
         test_index=test_index,
         meta=subset("train", meta_index, f"{spec.name}-meta") if spec.meta_per_class else None,
+        meta_index=meta_index if spec.meta_per_class else _empty_index(),
     )
 
 

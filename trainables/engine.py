@@ -66,7 +66,7 @@ def dataset_spec(cfg: TrainConfig) -> data.DatasetSpec:
                             val_per_class=cfg.val_per_class, n_max=cfg.n_max,
                             test_per_class=cfg.test_per_class, seed=cfg.split_seed,
                             meta_per_class=cfg.meta_per_class, store_side=cfg.image_store_side,
-                            val_source=cfg.val_source)
+                            val_source=cfg.val_source, meta_grouping=cfg.meta_grouping())
 
 
 def test_ood_names(cfg: TrainConfig) -> list[str]:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from trainables import augment, data, ood_sets
+from trainables import augment, data, meta_set, ood_sets
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -266,8 +266,9 @@ def load_id_data(spec: data.DatasetSpec, data_dir: str | None, cache_dir: str) -
     info = SETS[spec.name]
     side = spec.store_side
     if spec.meta_per_class:
-        raise ValueError(f"meta_per_class={spec.meta_per_class} with dataset={spec.name}: a meta set is "
-                         f"not held out of the split lists; accepted: 0")
+        raise ValueError(f"meta_per_class={spec.meta_per_class} with dataset={spec.name}: a meta set is drawn "
+                         f"per (class, KMeans group) here, not per class; accepted: 0 (cala_meta's "
+                         f"meta_per_group sets its size)")
     root = dataset_root(spec.name, data_dir)
     arrays, rows = {}, {}
     for split in SPLITS:
@@ -281,6 +282,20 @@ def load_id_data(spec: data.DatasetSpec, data_dir: str | None, cache_dir: str) -
             raise ValueError(f"{list_path(info, root, split)}: label {int(bad[0])}; accepted: 0..{num_classes - 1}")
     caps = {"train": spec.n_max, "val": spec.val_per_class or None, "test": spec.test_per_class}
     index = {s: _per_class_subset(labels[s], caps[s], spec.seed + i) for i, s in enumerate(SPLITS)}
+    meta_index, meta_record = None, {"meta_per_class": "0"}
+    if spec.meta_grouping is not None:
+        # Drawn from the (capped) training list only: validation and test stay whole.
+        grouping, train_rows = spec.meta_grouping, index["train"]
+        y_rows = labels["train"][train_rows]
+        groups = meta_set.cached_groups(arrays["train"], train_rows, y_rows, grouping, spec.seed, cache_dir,
+                                        _cache_key(list_path(info, root, "train"), root, side))
+        meta_rows, keep_rows, kept = meta_set.draw(y_rows, groups, grouping.per_group, spec.seed)
+        meta_index, index["train"] = train_rows[meta_rows], train_rows[keep_rows]
+        cells = len({(int(c), int(g)) for c, g in zip(y_rows, groups)})
+        meta_record = {"meta_per_class": "0", "meta_rule": grouping.rule(), "meta_size": str(len(meta_index)),
+                       "meta_groups": str(grouping.groups), "meta_per_group": str(grouping.per_group),
+                       "meta_group_features": grouping.describe(), "meta_cells": str(cells),
+                       "meta_kept_in_train": str(kept)}
     counts = np.bincount(labels["train"][index["train"]], minlength=num_classes)
     if (counts == 0).any():
         raise ValueError(f"{list_path(info, root, 'train')}: class {int(np.argmin(counts))} has no training "
@@ -307,7 +322,7 @@ def load_id_data(spec: data.DatasetSpec, data_dir: str | None, cache_dir: str) -
         "train_size": str(len(index["train"])),
         "val_size": str(len(index["val"])),
         "test_size": str(len(index["test"])),
-        "meta_per_class": "0",
+        **meta_record,
         "id_source": f"lists:{root}",
         "class_order": "the lists' labels",
         "data_rule": store_rule(side),
@@ -317,7 +332,9 @@ def load_id_data(spec: data.DatasetSpec, data_dir: str | None, cache_dir: str) -
         train=subset("train", f"{spec.name}-train"), val=subset("val", f"{spec.name}-val"),
         test=subset("test", f"{spec.name}-test"), counts=[int(n) for n in counts],
         class_names=class_names, record=record, train_index=index["train"], val_index=index["val"],
-        test_index=index["test"])
+        test_index=index["test"], meta_index=data._empty_index() if meta_index is None else meta_index,
+        meta=None if meta_index is None else data.ImageSet(
+            np.ascontiguousarray(arrays["train"][meta_index]), labels["train"][meta_index], f"{spec.name}-meta"))
 
 
 # ----------------------------------------------------------------------------- OOD sets
