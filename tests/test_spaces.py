@@ -18,14 +18,16 @@ IMBALANCE = {"cifar10": 100, "cifar100": 100, "imagenet-lt": 1280 / 5, "places-l
 # Searched fields with no paper value on a data set (the config leaves them None and the method
 # has no default there): the search starts at the space's CIFAR-10 point.
 NO_PAPER_VALUE = {("energy_oe", "imagenet-lt", "m_in"), ("energy_oe", "places-lt", "m_in"),
-                  ("cala", "imagenet-lt", "knn_k"), ("cala", "places-lt", "knn_k")}
+                  ("cala", "imagenet-lt", "knn_k"), ("cala", "places-lt", "knn_k"),
+                  ("cala_meta", "imagenet-lt", "knn_k"), ("cala_meta", "places-lt", "knn_k")}
 
 
 def resolved_default(method: str, dataset: str, field: str):
     """Returns the value a searched field takes on `dataset` when left at its default: the
     config's (filled per data set when built), else what the method resolves None to, through
     the same function it calls (None where it has none)."""
-    value = getattr(registry.get(method).config_cls.from_dict({"dataset": dataset}), field)
+    needs = {"meta_group_weights": "pixels"} if method == "cala_meta" and not dataset.startswith("cifar") else {}
+    value = getattr(registry.get(method).config_cls.from_dict({"dataset": dataset, **needs}), field)
     if value is not None:
         return value
     c = NUM_CLASSES[dataset]
@@ -34,7 +36,7 @@ def resolved_default(method: str, dataset: str, field: str):
             ("ricasso", "tau_energy"): lambda: lgla.default_tau_gla(c),   # τ of Eq. 6 = τ_G
             ("energy_oe", "m_in"): lambda: baselines.ENERGY_M_IN.get(dataset),
             ("open_sampling", "alpha_scale"): lambda: 1 + 1 / IMBALANCE[dataset],   # α = max β + min β
-            ("cala", "knn_k"): lambda: None}[(method, field)]()
+            ("cala", "knn_k"): lambda: None, ("cala_meta", "knn_k"): lambda: None}[(method, field)]()
 
 
 def cases():
@@ -44,9 +46,18 @@ def cases():
                 yield method, dataset
 
 
+def required_args(method: str, dataset: str) -> list[str]:
+    """Returns what a run needs to start there: Places-LT's recipes fine-tune ImageNet weights,
+    and Meta-CALA groups the large sets' classes on some features (raw pixels here)."""
+    args = ["--set", "pretrained=resnet152.pth"] if dataset == "places-lt" else []
+    if method == "cala_meta" and not dataset.startswith("cifar"):
+        args += ["--set", "meta_group_weights=pixels"]
+    return args
+
+
 @pytest.mark.parametrize("method,dataset", list(cases()))
 def test_first_trial_is_the_methods_defaults_on_the_set_or_its_recipe(method, dataset):
-    weights = ["--set", "pretrained=resnet152.pth"] if dataset == "places-lt" else []
+    weights = required_args(method, dataset)
     cifar_point = spaces.get(method).paper_point
     for preset in ("smoke", "paper"):
         plan = run.build_plan(run.parse_args([method, "--dataset", dataset, "--preset", preset, *weights]))
@@ -127,7 +138,7 @@ def test_list_shows_each_sets_own_ranges_and_points(capsys):
 def test_the_searcher_suggests_the_sets_paper_point_first():
     from search import orchestrate   # Ray and Optuna, imported once for every case
     for method, dataset in cases():
-        weights = ["--set", "pretrained=resnet152.pth"] if dataset == "places-lt" else []
+        weights = required_args(method, dataset)
         plan = run.build_plan(run.parse_args([method, "--dataset", dataset, "--preset", "paper", *weights]))
         first = orchestrate.searcher(plan["space"], "tpe", 0).suggest("trial-0")
         assert first == plan["space"].paper_point, (method, dataset)
