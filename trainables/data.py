@@ -21,10 +21,13 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:   # trainables.meta_set imports this module
+    from trainables.meta_set import MetaGrouping
 
 IMAGE_SIZE = 32
 OOD_RESIZE_RULE = "resize shorter side to 32 (bilinear, antialias) + center-crop 32"
@@ -115,7 +118,7 @@ class DatasetSpec:
     store_side: int = 256    # large sets only: the cached images' side (trainables.large_lt)
     val_source: str = "holdout"  # a key of VAL_SOURCES
     # Large sets only: Meta-CALA's meta set per (class, KMeans group) (trainables.meta_set)
-    meta_grouping: "MetaGrouping | None" = None  # noqa: F821
+    meta_grouping: MetaGrouping | None = None
 
     @property
     def held_out(self) -> int:
