@@ -19,6 +19,10 @@ scale=(0.08, 1)) and a horizontal flip.
 
 No network is trained: this is the input pipeline alone. Each side runs one untimed pass, then
 `--repeats` timed passes over all images; the median pass gives images/s.
+
+For bench/gpu_suite.py's `large_lt` stage, also: `write_lt_tree` (a generated ImageNet-LT-format
+set) and `training_epochs` (a ResNet-50 epoch through the engine with the images resident,
+streamed, and streamed with prefetch, and a check that all three leave the same weights).
 """
 from __future__ import annotations
 
