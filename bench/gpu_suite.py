@@ -212,8 +212,12 @@ def stage_large_lt(p: dict, out: Callable[[dict], None]) -> None:
         result["pipeline"] = large_lt.compare(paths, torch.device(p["device"]), q["size"], q["store_side"],
                                               q["pipeline_batch"], workers, p["repeats"])
         out(result)
+        def progress(training: dict) -> None:
+            out({**result, "training": training})
+
         result["training"] = large_lt.training_epochs(tmp, os.path.join(tmp, "cache"), p["device"], q["size"],
-                                                      q["store_side"], q["train_batch"], p["repeats"])
+                                                      q["store_side"], q["train_batch"], p["repeats"],
+                                                      progress=progress)
         out(result)
     check = result["training"]["weights_check"]
     if check == "DIFFER":
@@ -358,12 +362,15 @@ def summarise(stages: dict[str, dict], device: str, quick: bool) -> tuple[dict, 
     summary["large_lt_pipeline_ratio"] = pipeline["ratio_ours_over_conventional"] if pipeline else None
     summary["large_lt_pipeline_workers"] = pipeline["workers"] if pipeline else None
     summary["large_lt_size"] = pipeline["size"] if pipeline else None
-    rows = training["placements"] if training else {}
-    summary["large_lt_train_images_per_s"] = {k: row["images_per_s"] for k, row in rows.items()} or None
-    summary["large_lt_train_ratio_over_resident"] = {k: row["ratio_over_resident"] for k, row in rows.items()} or None
-    summary["large_lt_prefetch_over_no_prefetch"] = training["prefetch_over_no_prefetch"] if training else None
+    rows = (training or {}).get("placements", {})   # as far as the stage got
+    ips = {k: row["images_per_s"] for k, row in rows.items()}
+    summary["large_lt_train_images_per_s"] = ips or None
+    summary["large_lt_train_ratio_over_resident"] = ({k: v / ips["resident"] for k, v in ips.items()}
+                                                     if "resident" in ips else None)
+    summary["large_lt_prefetch_over_no_prefetch"] = (ips["streamed_prefetch"] / ips["streamed"]
+                                                     if {"streamed", "streamed_prefetch"} <= set(ips) else None)
     summary["large_lt_peak_device_mib"] = {k: row["peak_device_mib"] for k, row in rows.items()} or None
-    summary["large_lt_weights_check"] = training["weights_check"] if training else None
+    summary["large_lt_weights_check"] = (training or {}).get("weights_check")
     search = res["smoke_search"]
     summary["smoke_search"] = ({k: search.get(k) for k in ("returncode", "wall_seconds", "trial_runs", "states",
                                                            "devices", "gpus_per_trial")} if search else None)
@@ -429,8 +436,9 @@ def print_report(report: dict) -> None:
         ratio = s["large_lt_train_ratio_over_resident"]
         print(f"large-set ResNet-50 epoch at {s['large_lt_size']} px, images/s (x resident): " + ", ".join(
             f"{k.replace('_', ' + ')} {v:,.1f} (x{ratio[k]:.2f})" for k, v in s["large_lt_train_images_per_s"].items())
-            + f"; prefetch / none x{s['large_lt_prefetch_over_no_prefetch']:.2f}")
-        print(f"  one epoch from the same weights, resident / streamed / prefetched: {s['large_lt_weights_check']}")
+            + f"; prefetch / none x{fmt(s['large_lt_prefetch_over_no_prefetch'])}")
+        print(f"  one epoch from the same weights, resident / streamed / prefetched: "
+              f"{s['large_lt_weights_check'] or 'not checked (the stage did not finish)'}")
     if s["smoke_search"]:
         print(f"smoke search: exit {s['smoke_search']['returncode']}, "
               f"{fmt(s['smoke_search']['wall_seconds'], '.0f')} s, "

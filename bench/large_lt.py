@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -176,14 +177,16 @@ def deterministic():
 
 
 def training_epochs(data_dir: str, cache_dir: str, device: str, size: int = 224, store_side: int = 256,
-                    batch: int = 128, repeats: int = 3, backbone: str = "resnet50") -> dict:
+                    batch: int = 128, repeats: int = 3, backbone: str = "resnet50",
+                    progress: Callable[[dict], None] | None = None) -> dict:
     """Returns images/s of engine.Trial.train_epoch (method `ce`, `backbone`, `size` px views) on
     the ImageNet-LT-format set in `data_dir`, per placement (PLACEMENTS): the median of `repeats`
     epochs after a warm-up, and their ratios to resident.
 
     Checked first: one epoch per placement from the same initial weights, under `deterministic()`,
     must leave bit-identical weights; where they are not (`weights_check`), the losses must agree
-    to LOSS_TOLERANCE, else the check reads "DIFFER"."""
+    to LOSS_TOLERANCE, else the check reads "DIFFER". `progress`, if given, gets the result so
+    far after each placement (a caller under a time limit keeps what was measured)."""
     from trainables import engine, registry
     method = registry.get("ce")
     base = {"dataset": "imagenet-lt", "device": device, "image_store_side": store_side, "image_size": size,
@@ -216,6 +219,8 @@ def training_epochs(data_dir: str, cache_dir: str, device: str, size: int = 224,
         del trial
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+        if progress:
+            progress(result)
     resident = result["placements"]["resident"]
     for name, row in result["placements"].items():
         row["ratio_over_resident"] = row["images_per_s"] / resident["images_per_s"]
