@@ -194,7 +194,8 @@ def stage_smoke_search(p: dict, out: Callable[[dict], None]) -> None:
 
 def stage_large_lt(p: dict, out: Callable[[dict], None]) -> None:
     if p["device"] == "cuda":
-        # The weights check runs cuBLAS deterministically, which needs this before CUDA starts.
+        # The weights check runs cuBLAS deterministically, which needs this before CUDA starts
+        # (this process only: each stage has its own).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     import large_lt
     import torch
@@ -212,6 +213,7 @@ def stage_large_lt(p: dict, out: Callable[[dict], None]) -> None:
         result["pipeline"] = large_lt.compare(paths, torch.device(p["device"]), q["size"], q["store_side"],
                                               q["pipeline_batch"], workers, p["repeats"])
         out(result)
+
         def progress(training: dict) -> None:
             out({**result, "training": training})
 
