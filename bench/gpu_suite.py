@@ -18,6 +18,11 @@ Stages, in this order (DARL on CIFAR-10-LT IR100, 128 images per stream, unless 
                 fractional-GPU path), sqlite tracking in a temporary folder; needs ray, optuna, mlflow
   rna           RNA's epoch (ResNet-18, 128 ID + 128 outliers per step), our trainable
   open_sampling Open-sampling's epoch (ResNet-32, 128 ID + 512 outliers per step), our trainable
+  large_lt      on a generated ImageNet-LT-format set (1,279 JPEGs, 500x375, 16 classes): the input
+                pipeline at 224, ours vs DataLoader + PIL with the machine's cores as workers
+                (bench/large_lt.py); then ce's epoch with a ResNet-50 at 224, its images resident on
+                the device, streamed from host memory, streamed with prefetch: images/s, and a check
+                that one epoch leaves the same weights in all three. Its time is kept for it.
 
 Each stage runs in its own process under a time limit (and the suite under --budget-s); its result
 goes into the JSON as soon as it ends, and a stage that fails or runs out of time is recorded with
@@ -48,14 +53,20 @@ sys.path[:0] = [REPO, BENCH]
 
 import gpu_payload  # noqa: E402  (standard library only; torch is imported after the payload is on the path)
 
-STAGES = ("epoch", "evaluation", "concurrency", "compiled", "smoke_search", "rna", "open_sampling")
+STAGES = ("epoch", "evaluation", "concurrency", "compiled", "smoke_search", "rna", "open_sampling", "large_lt")
 # Per mode: sizes, and each stage's time limit in seconds (the suite's own budget caps them too).
 MODES = {
     "full": {"n_max": None, "set": {}, "batch_size": 128, "repeats": 3, "workers": 8,
              "concurrent": (1, 2, 4, 8), "concurrency_epochs": 2, "eval": {}, "budget_s": 470,
              "search": ["--epochs", "3"],
              "limits": {"epoch": 150, "evaluation": 90, "concurrency": 180, "compiled": 180,
-                        "smoke_search": 180, "rna": 90, "open_sampling": 90}},
+                        "smoke_search": 180, "rna": 90, "open_sampling": 90, "large_lt": 90},
+             # Kept for these stages out of the budget: an earlier stage's limit ends that much sooner.
+             "reserve_s": {"large_lt": 90},
+             # 16 classes, 200 to 20 images (IR 10): 1,279 training JPEGs at about ImageNet's median
+             # size; workers None = every core of the machine for the conventional loader.
+             "large_lt": {"classes": 16, "n_max": 200, "imbalance_ratio": 10, "source": (500, 375), "size": 224,
+                          "store_side": 256, "pipeline_batch": 256, "train_batch": 128, "workers": None}},
     # Tiny sizes: every stage's code runs on 2 CPU cores in a few minutes; the numbers mean nothing.
     # Limits are generous: on a shared CPU machine the stages may run many times slower.
     "quick": {"n_max": 10, "set": {"imbalance_ratio": 10}, "batch_size": 8, "repeats": 1, "workers": 0,
@@ -66,7 +77,10 @@ MODES = {
                          "--set", "n_max=20", "--set", "test_per_class=5", "--set", "ood_max_images=30",
                          "--test-ood", "textures"],
               "limits": {"epoch": 300, "evaluation": 300, "concurrency": 300, "compiled": 600,
-                         "smoke_search": 400, "rna": 300, "open_sampling": 300}},
+                         "smoke_search": 400, "rna": 300, "open_sampling": 300, "large_lt": 300},
+              "reserve_s": {"large_lt": 120},
+              "large_lt": {"classes": 4, "n_max": 8, "imbalance_ratio": 4, "source": (64, 48), "size": 32,
+                           "store_side": 40, "pipeline_batch": 8, "train_batch": 8, "workers": 0}},
 }
 # Read only by evaluation, never by an epoch: trimmed, and a set the trimmed payload carries.
 LIGHT_EVAL = {"test_ood": ("textures",), "ood_max_images": 100, "val_ood_size": 100}
@@ -178,9 +192,45 @@ def stage_smoke_search(p: dict, out: Callable[[dict], None]) -> None:
         raise RuntimeError(f"the trials ran on {devices or 'no recorded device'}, expected {p['device']}")
 
 
+def stage_large_lt(p: dict, out: Callable[[dict], None]) -> None:
+    if p["device"] == "cuda":
+        # The weights check runs cuBLAS deterministically, which needs this before CUDA starts
+        # (this process only: each stage has its own).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    import large_lt
+    import torch
+    from trainables import data
+    q = p["large_lt"]
+    workers = q["workers"] if q["workers"] is not None else os.cpu_count()
+    counts = data.lt_counts(q["classes"], q["n_max"], q["imbalance_ratio"])
+    with tempfile.TemporaryDirectory(prefix="gpu-suite-large-lt-") as tmp:
+        started = time.perf_counter()
+        paths = large_lt.write_lt_tree(tmp, counts, *q["source"])
+        result = {"set": f"generated ImageNet-LT format: {len(counts)} classes, {counts[0]} to {counts[-1]} images "
+                         f"(IR {q['imbalance_ratio']:g}), {len(paths)} training JPEGs "
+                         f"{q['source'][0]}x{q['source'][1]}", "write_s": time.perf_counter() - started,
+                  "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+        result["pipeline"] = large_lt.compare(paths, torch.device(p["device"]), q["size"], q["store_side"],
+                                              q["pipeline_batch"], workers, p["repeats"])
+        out(result)
+
+        def progress(training: dict) -> None:
+            out({**result, "training": training})
+
+        result["training"] = large_lt.training_epochs(tmp, os.path.join(tmp, "cache"), p["device"], q["size"],
+                                                      q["store_side"], q["train_batch"], p["repeats"],
+                                                      progress=progress)
+        out(result)
+    check = result["training"]["weights_check"]
+    if check == "DIFFER":
+        losses = {k: row["check_train_loss"] for k, row in result["training"]["placements"].items()}
+        raise RuntimeError(f"one epoch resident, streamed and prefetched left different weights and losses {losses}")
+
+
 STAGE_FUNCTIONS = {"epoch": stage_epoch, "evaluation": stage_evaluation, "concurrency": stage_concurrency,
                    "compiled": stage_compiled, "smoke_search": stage_smoke_search,
-                   "rna": method_stage("rna"), "open_sampling": method_stage("open_sampling")}
+                   "rna": method_stage("rna"), "open_sampling": method_stage("open_sampling"),
+                   "large_lt": stage_large_lt}
 
 
 def child(name: str, params_json: str, out_path: str) -> int:
@@ -308,6 +358,21 @@ def summarise(stages: dict[str, dict], device: str, quick: bool) -> tuple[dict, 
     for name in ("rna", "open_sampling"):
         summary[f"{name}_epoch_s"] = res[name].get("epoch_seconds_measured")
         summary[f"{name}_peak_device_mib"] = res[name].get("peak_device_mib")
+    pipeline, training = res["large_lt"].get("pipeline"), res["large_lt"].get("training")
+    summary["large_lt_pipeline_images_per_s"] = ({side: pipeline[f"{side}_images_per_s"]
+                                                  for side in ("conventional", "ours")} if pipeline else None)
+    summary["large_lt_pipeline_ratio"] = pipeline["ratio_ours_over_conventional"] if pipeline else None
+    summary["large_lt_pipeline_workers"] = pipeline["workers"] if pipeline else None
+    summary["large_lt_size"] = pipeline["size"] if pipeline else None
+    rows = (training or {}).get("placements", {})   # as far as the stage got
+    ips = {k: row["images_per_s"] for k, row in rows.items()}
+    summary["large_lt_train_images_per_s"] = ips or None
+    summary["large_lt_train_ratio_over_resident"] = ({k: v / ips["resident"] for k, v in ips.items()}
+                                                     if "resident" in ips else None)
+    summary["large_lt_prefetch_over_no_prefetch"] = (ips["streamed_prefetch"] / ips["streamed"]
+                                                     if {"streamed", "streamed_prefetch"} <= set(ips) else None)
+    summary["large_lt_peak_device_mib"] = {k: row["peak_device_mib"] for k, row in rows.items()} or None
+    summary["large_lt_weights_check"] = (training or {}).get("weights_check")
     search = res["smoke_search"]
     summary["smoke_search"] = ({k: search.get(k) for k in ("returncode", "wall_seconds", "trial_runs", "states",
                                                            "devices", "gpus_per_trial")} if search else None)
@@ -364,6 +429,18 @@ def print_report(report: dict) -> None:
             f"peak {fmt(s['concurrency_peak_device_mib_per_trial'][n], ',.0f')} MiB/trial)"
             for n, ips in s["concurrency_images_per_s"].items()))
     print(f"RNA epoch {fmt(s['rna_epoch_s'])} s, Open-sampling epoch {fmt(s['open_sampling_epoch_s'])} s (ours, eager)")
+    if s["large_lt_pipeline_ratio"] is not None:
+        ips = s["large_lt_pipeline_images_per_s"]
+        print(f"large-set input at {s['large_lt_size']} px (generated JPEGs, no network): DataLoader + PIL "
+              f"({s['large_lt_pipeline_workers']} workers) {ips['conventional']:,.0f} img/s, ours {ips['ours']:,.0f} "
+              f"img/s, ours/conventional x{s['large_lt_pipeline_ratio']:.2f}")
+    if s["large_lt_train_images_per_s"]:
+        ratio = s["large_lt_train_ratio_over_resident"]
+        print(f"large-set ResNet-50 epoch at {s['large_lt_size']} px, images/s (x resident): " + ", ".join(
+            f"{k.replace('_', ' + ')} {v:,.1f} (x{ratio[k]:.2f})" for k, v in s["large_lt_train_images_per_s"].items())
+            + f"; prefetch / none x{fmt(s['large_lt_prefetch_over_no_prefetch'])}")
+        print(f"  one epoch from the same weights, resident / streamed / prefetched: "
+              f"{s['large_lt_weights_check'] or 'not checked (the stage did not finish)'}")
     if s["smoke_search"]:
         print(f"smoke search: exit {s['smoke_search']['returncode']}, "
               f"{fmt(s['smoke_search']['wall_seconds'], '.0f')} s, "
@@ -442,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
               "threads": args.threads or (1 if args.quick and args.device == "cpu" else None),
               "compile_mode": args.compile_mode, **{k: mode[k] for k in (
                   "n_max", "set", "batch_size", "repeats", "workers", "concurrent", "concurrency_epochs",
-                  "eval", "search")}}
+                  "eval", "search", "large_lt")}}
     out = os.path.abspath(args.json)
     logs = os.path.splitext(out)[0] + "-logs"
     os.makedirs(logs, exist_ok=True)
@@ -485,9 +562,14 @@ def main(argv: list[str] | None = None) -> int:
             if missing:
                 reason = (f"needs ray, optuna and mlflow: {missing} ({payload}; "
                           f"see bench/gpu_payload.py)")
-        remaining = budget - (time.perf_counter() - t0)
+        # Time kept for later stages that will run (mode["reserve_s"]) is not this stage's.
+        later = [n for n in STAGES[STAGES.index(name) + 1:] if n in chosen and n not in skipped]
+        kept = sum(mode["reserve_s"].get(n, 0) for n in later)
+        remaining = budget - (time.perf_counter() - t0) - kept
         if reason is None and remaining < 20:
-            reason = f"the suite's budget ({budget:.0f} s, --budget-s) was spent"
+            reason = (f"the suite's budget ({budget:.0f} s, --budget-s) was spent"
+                      + (f" ({kept} s of it kept for {', '.join(n for n in later if n in mode['reserve_s'])})"
+                         if kept else ""))
         if reason:
             report["stages"][name] = {"status": "skipped", "reason": reason}
         else:

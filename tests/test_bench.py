@@ -71,7 +71,8 @@ def test_gpu_suite_quick_on_cpu_records_every_stage(data_dir, cache_dir, tmp_pat
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     stages = report["stages"]
-    assert list(stages) == ["epoch", "evaluation", "concurrency", "compiled", "smoke_search", "rna", "open_sampling"]
+    assert list(stages) == ["epoch", "evaluation", "concurrency", "compiled", "smoke_search", "rna", "open_sampling",
+                            "large_lt"]
     # CPU: compile is left out with its reason; every other stage delivered its numbers.
     assert stages["compiled"]["status"] == "skipped" and "CUDA" in stages["compiled"]["reason"]
     for name, stage in stages.items():
@@ -107,8 +108,49 @@ def test_gpu_suite_quick_on_cpu_records_every_stage(data_dir, cache_dir, tmp_pat
     assert search["returncode"] == 0 and search["devices"] == ["cpu"] and search["gpus_per_trial"] == 0
     assert search["trial_runs"] == 1 and search["states"] == {"completed": 1}
 
+    assert s["large_lt_weights_check"] == "identical" and set(s["large_lt_train_images_per_s"]) == {
+        "resident", "streamed", "streamed_prefetch"}
     assert all(t["met"].startswith("not applicable") for t in report["targets"])
     assert "targets:" in run.stdout and "written:" in run.stdout
+
+
+# The large_lt stage alone at its CPU sizes (seconds): a generated ImageNet-LT-format tree, both
+# input pipelines, and a ResNet-50 epoch per placement. The budget leaves open_sampling less than
+# the 120 s kept for large_lt, so open_sampling is skipped without running and large_lt still runs.
+def test_gpu_suite_large_lt_stage_and_its_kept_time(data_dir, tmp_path):
+    out = tmp_path / "suite.json"
+    run = subprocess.run([sys.executable, os.path.join(REPO, "bench", "gpu_suite.py"), "--device", "cpu", "--quick",
+                          "--only", "open_sampling,large_lt", "--budget-s", "135", "--json", str(out),
+                          "--data-dir", data_dir],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    skipped = report["stages"]["open_sampling"]
+    assert skipped["status"] == "skipped" and "120 s of it kept for large_lt" in skipped["reason"]
+    stage = report["stages"]["large_lt"]
+    assert stage["status"] == "ok", stage
+    result, s = stage["result"], report["summary"]
+    pipe = result["pipeline"]          # lt_counts(4, 8, 4) = [8, 5, 3, 2]: 18 training JPEGs, 64x48
+    assert pipe["images"] == 18 and pipe["size"] == 32 and pipe["workers"] == 0
+    assert pipe["conventional_images_per_s"] == pytest.approx(18 / pipe["conventional_pass_s"][0])
+    assert s["large_lt_pipeline_ratio"] == pytest.approx(pipe["ours_images_per_s"] / pipe["conventional_images_per_s"])
+    train = result["training"]
+    rows = train["placements"]
+    assert train["images"] == 18 and train["backbone"] == "resnet50" and list(rows) == [
+        "resident", "streamed", "streamed_prefetch"]
+    assert rows["resident"]["streamed_sets"] == "none"
+    assert rows["streamed"]["streamed_sets"].startswith("imagenet-lt-train,")
+    for name, row in rows.items():
+        assert row["images_per_s"] == pytest.approx(18 / row["epoch_s"][0])
+        assert s["large_lt_train_ratio_over_resident"][name] == pytest.approx(
+            row["images_per_s"] / rows["resident"]["images_per_s"])
+        # On a CPU the three placements give bit-identical weights after one epoch.
+        assert row["identical_weights"] and row["max_abs_weight_diff"] == 0.0
+        assert row["check_train_loss"] == rows["resident"]["check_train_loss"]
+    assert s["large_lt_prefetch_over_no_prefetch"] == pytest.approx(
+        rows["streamed_prefetch"]["images_per_s"] / rows["streamed"]["images_per_s"])
+    assert s["large_lt_weights_check"] == "identical"
+    assert "prefetch / none x" in run.stdout and "resident / streamed / prefetched: identical" in run.stdout
 
 
 def test_gpu_payload_packs_into_carries_and_installs_once_all_arrived(tmp_path):
