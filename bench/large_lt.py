@@ -96,10 +96,10 @@ def time_passes(one_pass, repeats: int, device: torch.device) -> list[float]:
     return times
 
 
-def compare(paths: list[str], device: torch.device, size: int = 224, store_side: int = 256, batch: int = 64,
-            workers: int = 2, repeats: int = 3) -> dict:
-    """Returns both pipelines' images/s over the JPEGs `paths` (median of `repeats` passes after
-    one untimed pass), their ratio ours/conventional and the one-time decode into the cache."""
+def time_conventional(paths: list[str], device: torch.device, size: int, batch: int, workers: int,
+                      repeats: int) -> list[float]:
+    """Returns the DataLoader + PIL pipeline's pass times; its workers end when this returns,
+    before ours is timed."""
     loader = torch.utils.data.DataLoader(JpegFiles(paths, size), batch_size=batch, shuffle=True,
                                          num_workers=workers, pin_memory=device.type == "cuda",
                                          persistent_workers=workers > 0)
@@ -108,8 +108,14 @@ def compare(paths: list[str], device: torch.device, size: int = 224, store_side:
         for x, _ in loader:
             x.to(device, non_blocking=True)
 
-    conventional = time_passes(conventional_pass, repeats, device)
-    del loader                                     # its workers end here, before ours is timed
+    return time_passes(conventional_pass, repeats, device)
+
+
+def compare(paths: list[str], device: torch.device, size: int = 224, store_side: int = 256, batch: int = 64,
+            workers: int = 2, repeats: int = 3) -> dict:
+    """Returns both pipelines' images/s over the JPEGs `paths` (median of `repeats` passes after
+    one untimed pass), their ratio ours/conventional and the one-time decode into the cache."""
+    conventional = time_conventional(paths, device, size, batch, workers, repeats)
     start = time.perf_counter()
     cached = large_lt.decode_paths(paths, store_side)
     decode_once_s = time.perf_counter() - start
