@@ -76,6 +76,20 @@ def _lgla_places(method: str) -> Recipe:
         _LGLA_PLACES, _LGLA_PLACES_NOTE, needs_pretrained=True)
 
 
+def _cala_places(method: str, note_extra: str = "") -> Recipe:
+    """Returns CALA's Places-LT recipe for `method` (Heuristic or Meta-CALA: the same network and
+    schedule), its note extended by `note_extra`."""
+    return Recipe(method, "places-lt", {
+        "epochs": 30, "batch_size": 256, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": False,
+        "weight_decay": 5e-4, "lr_schedule": "cosine", "warmup_epochs": 0, "image_size": 224,
+        "crop_min_scale": 0.08, "backbone": "resnet152"},
+        "cala.md §5.1 Places-LT: ImageNet-pretrained ResNet-152, cosine schedule after Kang et al. (2020), "
+        "batch 256, wd 5e-4; the spec gives no epochs or lr: 30 epochs at lr 0.01 is our choice, the length "
+        "and rate of LGLA's fine-tuning of the same network on Places-LT",
+        "not as the paper: its epochs and lr are not given (ours are a decision), nor is K on Places-LT "
+        "(the search space's K applies)" + note_extra, needs_pretrained=True)
+
+
 def _rna_imagenet(method: str, source: str, note: str = _RNA_IMAGENET_NOTE, outliers: bool = True) -> Recipe:
     values = {"epochs": 100, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True,
               "weight_decay": 5e-4, "lr_schedule": "cosine", "warmup_epochs": 0, "image_size": 224,
@@ -128,25 +142,9 @@ RECIPES: tuple[Recipe, ...] = (
         "not as COCL: its optimiser, weight decay, schedule and epochs on ImageNet-LT are not published "
         "(if stage1.py kept train.py's default optimiser, it ran Adam at lr 0.1); ColorJitter and "
         "RandomGrayscale are not applied"),
-    Recipe("cala", "places-lt", {
-        "epochs": 30, "batch_size": 256, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": False,
-        "weight_decay": 5e-4, "lr_schedule": "cosine", "warmup_epochs": 0, "image_size": 224,
-        "crop_min_scale": 0.08, "backbone": "resnet152"},
-        "cala.md §5.1 Places-LT: ImageNet-pretrained ResNet-152, cosine schedule after Kang et al. (2020), "
-        "batch 256, wd 5e-4; the spec gives no epochs or lr: 30 epochs at lr 0.01 is our choice, the length "
-        "and rate of LGLA's fine-tuning of the same network on Places-LT",
-        "not as the paper: its epochs and lr are not given (ours are a decision), nor is K on Places-LT "
-        "(the search space's K applies)", needs_pretrained=True),
-    Recipe("cala_meta", "places-lt", {
-        "epochs": 30, "batch_size": 256, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": False,
-        "weight_decay": 5e-4, "lr_schedule": "cosine", "warmup_epochs": 0, "image_size": 224,
-        "crop_min_scale": 0.08, "backbone": "resnet152"},
-        "cala.md §5.1 Places-LT: ImageNet-pretrained ResNet-152, cosine schedule after Kang et al. (2020), "
-        "batch 256, wd 5e-4; the spec gives no epochs or lr: 30 epochs at lr 0.01 is our choice, the length "
-        "and rate of LGLA's fine-tuning of the same network on Places-LT",
-        "not as the paper: its epochs and lr are not given (ours are a decision), nor is K on Places-LT "
-        "(the search space's K applies); the meta-net's settings are its CIFAR ones (cala.md gives the "
-        "same Adam 1e-3 for every set)", needs_pretrained=True),
+    _cala_places("cala"),
+    _cala_places("cala_meta", "; the meta-net's settings are its CIFAR ones (cala.md gives the same Adam "
+                              "1e-3 for every set)"),
     Recipe("open_sampling", "places-lt", {
         "epochs": 10, "batch_size": 512, "outlier_batch_size": 512, "optimizer": "sgd", "lr": 0.1,
         "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4, "lr_schedule": "cosine", "warmup_epochs": 0,
