@@ -9,6 +9,7 @@ mtime, so later runs (and parallel trials) only read the cache.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -285,21 +286,29 @@ def _cache_path(cache_dir: str, prefix: str, source: _Source, extra: str = "") -
     return os.path.join(cache_dir, f"{prefix}-{digest}.npz")
 
 
-def _save_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
-    # Several trials may decode the same set at once; os.replace makes the last writer win
-    # without any reader ever seeing a half-written file.
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yields a temporary file's path beside `path` (same suffix) to write; when the block ends
+    it becomes `path` (readable by all), or is removed when the block raises. Several trials may
+    write the same cache at once: os.replace makes the last writer win without any reader ever
+    seeing a half-written file."""
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
+    handle, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(handle)
     try:
-        with os.fdopen(handle, "wb") as f:
-            np.savez(f, **arrays)
+        yield tmp
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; other users sharing the cache may read it
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _save_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def _cached(path: str, decode: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -29,7 +29,6 @@ import json
 import math
 import mmap
 import os
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -175,20 +174,10 @@ def decode_to_npy(paths: list[str], side: int, path: str, chunk: int = 1024,
     Rows are decoded `chunk` at a time by a thread pool straight into a memory-mapped temporary
     file, which is renamed to `path` at the end: the array is never held in memory whole
     (ImageNet-Extra at 256 is ~95 GiB), and parallel trials never read a half-written file."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npy")
-    os.close(handle)
-    try:
+    with data.atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), side, side, 3))
         _decode_into(out, paths, side, chunk, workers)
         del out   # unmapped before the rename
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; other users sharing the cache may read it
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _decode_into(out: np.ndarray, paths: list[str], side: int, chunk: int, workers: int | None) -> None:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from trainables import data
 
 MIN_LEFT_IN_CELL = 2   # pitfall row 18: never leave a (class, group) cell under 2 training images
 PIXEL_SIDE = 32
@@ -84,12 +85,8 @@ def _cached(path: str, build) -> np.ndarray:
         except (OSError, ValueError):
             pass   # an unreadable cache is rebuilt below
     found = build()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
-    with os.fdopen(handle, "wb") as f:
+    with data.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, found)
-    os.chmod(tmp, 0o644)   # other users sharing the cache may read it
-    os.replace(tmp, path)
     return found
 
 
