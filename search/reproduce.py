@@ -25,8 +25,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from search.run import (PRESETS, UsageError, check_pretrained, check_tracking_uri,  # noqa: E402
-                        check_writable_folder, dataset_tag, paper_space, preset_budget, preset_config)
+from search.run import (PRESETS, UsageError, check_large_scale, check_pretrained,  # noqa: E402
+                        check_tracking_uri, check_writable_folder, dataset_tag, paper_space, preset_budget,
+                        preset_config, resolve_protocol)
 from trainables import data, engine, papers, protocols, recipes, registry  # noqa: E402
 from trainables.config import LARGE_DATASETS, default_test_ood  # noqa: E402
 
@@ -168,9 +169,7 @@ def build_plan(args: argparse.Namespace, searched: dict | None = None) -> dict:
         entry = papers.get(args.method, args.dataset)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if args.dataset in LARGE_DATASETS and not method_cls.large_scale:
-        raise UsageError(f"--dataset {args.dataset}: method {args.method} has no large-scale setup (its network "
-                         f"and views are CIFAR's); expected cifar10 or cifar100")
+    check_large_scale(args.method, method_cls, args.dataset)
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; expected one of: {', '.join(PRESETS)}")
     if args.precision not in PRECISIONS:
@@ -182,12 +181,7 @@ def build_plan(args: argparse.Namespace, searched: dict | None = None) -> dict:
     if args.cpus_per_trial is not None and args.cpus_per_trial <= 0:
         raise UsageError(f"--cpus-per-trial {args.cpus_per_trial:g}: expected > 0")
     name = args.protocol or entry.protocol
-    try:
-        protocol = protocols.get(name)
-        if protocol.name != "offline":
-            protocol.sets_for(args.dataset)   # one line naming the sets' data sets if it has none here
-    except ValueError as e:
-        raise UsageError(f"--protocol {name}: {e}") from None
+    protocol = resolve_protocol(name, args.dataset)[0]
     preset = PRESETS[args.preset]
     defaults = method_cls.config_cls()
     # On a large set the paper point trains with the paper's recipe, whatever the preset's budget.

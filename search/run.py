@@ -100,6 +100,23 @@ class UsageError(ValueError):
     """Bad input: reported as one line, before anything starts."""
 
 
+def check_large_scale(method: str, method_cls: type, dataset: str) -> None:
+    """UsageError (one line) when `dataset` is a large set and the method has no setup for it."""
+    if dataset in LARGE_DATASETS and not method_cls.large_scale:
+        raise UsageError(f"--dataset {dataset}: method {method} has no large-scale setup (its network "
+                         f"and views are CIFAR's); expected cifar10 or cifar100")
+
+
+def resolve_protocol(name: str, dataset: str) -> tuple[protocols.Protocol, tuple[str, ...]]:
+    """Returns the protocol `name` and its test sets on `dataset` (none for offline, whose sets
+    are the config's); UsageError (one line) for an unknown protocol or one without sets there."""
+    try:
+        protocol = protocols.get(name)
+        return protocol, protocol.sets_for(dataset) if protocol.name != "offline" else ()
+    except ValueError as e:
+        raise UsageError(f"--protocol {name}: {e}") from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="search/run.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -286,9 +303,7 @@ def build_plan(args: argparse.Namespace) -> dict:
         raise UsageError(f"unknown sampler {args.sampler!r}; expected one of: {', '.join(SAMPLERS)}")
     if args.dataset not in DATASETS:
         raise UsageError(f"unknown dataset {args.dataset!r}; expected one of: {', '.join(DATASETS)}")
-    if args.dataset in LARGE_DATASETS and not method_cls.large_scale:
-        raise UsageError(f"--dataset {args.dataset}: method {args.method} has no large-scale setup (its network "
-                         f"and views are CIFAR's); expected cifar10 or cifar100")
+    check_large_scale(args.method, method_cls, args.dataset)
     if args.imbalance_ratio not in (10, 50, 100):
         raise UsageError(f"--imbalance-ratio {args.imbalance_ratio:g}: expected 10, 50 or 100")
     recipe = recipe_for(args.preset, args.method, args.dataset)
@@ -328,11 +343,7 @@ def build_plan(args: argparse.Namespace) -> dict:
                          "(test sets are never searched on)")
     # The smoke preset runs on the offline archives; every other budget defaults to the paper's protocol.
     name = args.protocol or ("offline" if args.preset == "smoke" else protocols.for_method(args.method, args.dataset))
-    try:
-        protocol = protocols.get(name)
-        protocol_sets = protocol.sets_for(args.dataset) if protocol.name != "offline" else ()
-    except ValueError as e:
-        raise UsageError(f"--protocol {name}: {e}") from None
+    protocol, protocol_sets = resolve_protocol(name, args.dataset)
     config.update(protocol=protocol.name, allow_missing_ood=args.allow_missing_ood)
     if protocol.name != "offline":
         if args.test_ood:
