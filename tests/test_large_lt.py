@@ -371,7 +371,7 @@ def test_imagenet_extra_from_an_imagenet10k_root_and_its_wnid_list(tmp_path):
     assert "places_extra69/<class>/" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_outlier_auto_resolution_and_refusals(tree, tmp_path):
+def test_outlier_auto_resolution_and_refusals(tree, tmp_path, monkeypatch):
     cache = str(tmp_path)
     assert large_lt.load_outliers("auto", "imagenet-lt", tree, cache, SIDE)[0].name == "imagenet_extra"
     assert large_lt.load_outliers("auto", "places-lt", tree, cache, SIDE)[0].name == "places_extra69"
@@ -380,7 +380,9 @@ def test_outlier_auto_resolution_and_refusals(tree, tmp_path):
                                            max_images=5, seed=7)
     assert noise.name == "gaussian" and np.array_equal(noise.x, data.synthetic_ood("gaussian", 5, 7, size=SIDE).x)
     assert record["outlier_rule"] == large_lt.GAUSSIAN_RULE.format(side=SIDE)
-    assert np.array_equal(large_lt._gaussian(5, 8, 3, chunk=2), data.synthetic_ood("gaussian", 5, 3, size=8).x)
+    monkeypatch.setattr(data, "SYNTHETIC_CHUNK", 2)   # drawn 2 rows at a time: the one-call stream's values
+    one_call = np.rint(np.clip(np.random.RandomState(3).normal(0.5, 0.5, size=(5, 8, 8, 3)), 0, 1) * 255)
+    assert np.array_equal(data.synthetic_ood("gaussian", 5, 3, size=8).x, one_call.astype(np.uint8))
     for small in ("300k", "tin_aux", "svhn"):
         with pytest.raises(ValueError, match=rf"^outlier_set='{small}' is a 32x32 set and does not apply to dataset "
                                              r"imagenet-lt; accepted: auto, imagenet_extra, places_extra69, gaussian"):

@@ -807,9 +807,7 @@ def load_ood(
         print(f"notice: OOD set '{name}' not found (looked in: {'; '.join(looked)}); skipped",
               file=sys.stderr)
         return None
-    if max_images is not None and max_images < len(x):
-        keep = np.sort(np.random.RandomState(seed).choice(len(x), max_images, replace=False))
-        x = x[keep]
+    x = x[seeded_rows(len(x), max_images, seed)]
     return ImageSet(np.ascontiguousarray(x), np.full(len(x), -1, dtype=np.int64), name)
 
 
@@ -836,6 +834,17 @@ def _to_uint8(unit: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(unit, 0.0, 1.0) * 255).astype(np.uint8)
 
 
+SYNTHETIC_CHUNK = 256   # rows of a gaussian set drawn at once
+
+
+def seeded_rows(n: int, max_images: int | None, seed: int) -> np.ndarray | slice:
+    """Returns the rows of an n-image set that a seeded subset of max_images keeps, in their
+    original order; all of them (slice(None)) when max_images is None or not below n."""
+    if max_images is None or max_images >= n:
+        return slice(None)
+    return np.sort(np.random.RandomState(seed).choice(n, max_images, replace=False))
+
+
 def synthetic_ood(name: str, n: int, seed: int, size: int = IMAGE_SIZE) -> ImageSet:
     """Return n seeded synthetic OOD images (uint8 [n, size, size, 3], labels -1; 32 by default).
 
@@ -849,7 +858,12 @@ def synthetic_ood(name: str, n: int, seed: int, size: int = IMAGE_SIZE) -> Image
     rng = np.random.RandomState(seed)
     shape = (n, size, size, 3)
     if name == "gaussian":
-        x = _to_uint8(rng.normal(0.5, 0.5, size=shape))
+        # Drawn SYNTHETIC_CHUNK rows at a time: the same values (one stream) without a float64
+        # array of the whole set (15 GiB for 10,000 images at a large set's 256 px).
+        x = np.empty(shape, dtype=np.uint8)
+        for start in range(0, n, SYNTHETIC_CHUNK):
+            rows = min(SYNTHETIC_CHUNK, n - start)
+            x[start:start + rows] = _to_uint8(rng.normal(0.5, 0.5, size=(rows, *shape[1:])))
     elif name == "uniform":
         x = _to_uint8(rng.uniform(0.0, 1.0, size=shape))
     elif name == "rademacher":
@@ -923,7 +937,6 @@ def load_outliers(
                 _outlier_npy(data_dir, cache_dir) if candidate == "300k"
                 else _local_source_exists(candidate, data_dir)):
                 return load_outliers(candidate, data_dir, cache_dir, max_images, seed)
-    rng = np.random.RandomState(seed)
     if name == "gaussian":
         x = synthetic_ood("gaussian", max_images or GAUSSIAN_OUTLIERS, seed).x
     elif name == "300k":
@@ -932,9 +945,7 @@ def load_outliers(
             raise MissingDataError(f"outlier set '300k': no {OUTLIER_FILE} in "
                                    f"{data_dir or '(no --data-dir)'} or {cache_dir}")
         images = np.load(path, mmap_mode="r")
-        keep = (np.sort(rng.choice(len(images), max_images, replace=False))
-                if max_images is not None and max_images < len(images) else slice(None))
-        x = np.ascontiguousarray(images[keep])
+        x = np.ascontiguousarray(images[seeded_rows(len(images), max_images, seed)])
     elif name == "tin_aux":
         source, looked = _resolve(_local_sources("tin_aux", None, data_dir, cache_dir), None, False)
         if source is None:
@@ -946,8 +957,8 @@ def load_outliers(
         if found is None:
             raise MissingDataError(f"outlier set '{name}' not found")
         x = found.x
-    if max_images is not None and max_images < len(x) and name != "300k":
-        x = x[np.sort(rng.choice(len(x), max_images, replace=False))]
+    if name != "300k":
+        x = x[seeded_rows(len(x), max_images, seed)]
     return ImageSet(np.ascontiguousarray(x), np.full(len(x), -1, dtype=np.int64), name)
 
 

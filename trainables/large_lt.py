@@ -437,10 +437,8 @@ def load_ood(name: str, data_dir: str | None, cache_dir: str, side: int, max_ima
                            read_coco_images(where))
     else:
         x, _ = cached_list(where, os.path.join(data_dir, release.images), side, cache_dir, f"ood-{name}")
-    keep = np.arange(len(x))
-    if max_images is not None and max_images < len(x):
-        keep = np.sort(np.random.RandomState(seed).choice(len(x), max_images, replace=False))
-    return data.ImageSet(np.ascontiguousarray(x[keep]), np.full(len(keep), -1, dtype=np.int64), name)
+    x = np.array(x[data.seeded_rows(len(x), max_images, seed)])   # a copy in memory, not the cache's map
+    return data.ImageSet(x, np.full(len(x), -1, dtype=np.int64), name)
 
 
 # ----------------------------------------------------------------------------- training outliers
@@ -552,16 +550,6 @@ def check_disjoint(name: str, classes: Sequence[str], test_ood: Sequence[str], d
                              f"classes: remove them from the outlier folder or pick another outlier_set")
 
 
-def _gaussian(n: int, side: int, seed: int, chunk: int = 256) -> np.ndarray:
-    # data.synthetic_ood("gaussian", n, seed, side) drawn in chunks: the same values (one
-    # RandomState stream) without its float64 array of the whole set (15 GiB for 10,000 at 256).
-    rng, out = np.random.RandomState(seed), np.empty((n, side, side, 3), dtype=np.uint8)
-    for start in range(0, n, chunk):
-        rows = min(chunk, n - start)
-        out[start:start + rows] = data._to_uint8(rng.normal(0.5, 0.5, size=(rows, side, side, 3)))
-    return out
-
-
 def load_outliers(name: str, dataset: str, data_dir: str | None, cache_dir: str, side: int,
                   max_images: int | None = None, seed: int = 0, test_ood: Sequence[str] = (),
                   id_classes: Sequence[str] = ()) -> tuple[data.ImageSet, dict[str, str]]:
@@ -583,7 +571,7 @@ def load_outliers(name: str, dataset: str, data_dir: str | None, cache_dir: str,
                   f"training on Gaussian noise at {side}x{side}", flush=True)
             name = "gaussian"
     if name == "gaussian":
-        x = _gaussian(max_images or data.GAUSSIAN_OUTLIERS, side, seed)
+        x = data.synthetic_ood("gaussian", max_images or data.GAUSSIAN_OUTLIERS, seed, size=side).x
         return (data.ImageSet(x, np.full(len(x), -1, dtype=np.int64), name),
                 {"outlier_source": "synthetic", "outlier_rule": GAUSSIAN_RULE.format(side=side),
                  "outlier_subset": f"{len(x)} drawn with seed {seed}"})
@@ -604,8 +592,8 @@ def load_outliers(name: str, dataset: str, data_dir: str | None, cache_dir: str,
     x, _ = cached_list(key_file, root, side, cache_dir, f"aux-{name}", rows)
     subset = "all"
     if max_images is not None and max_images < len(x):
-        keep = np.sort(np.random.RandomState(seed).choice(len(x), max_images, replace=False))
-        x, subset = np.ascontiguousarray(x[keep]), f"seeded random {max_images} of {len(x)} (split_seed {seed})"
+        subset = f"seeded random {max_images} of {len(x)} (split_seed {seed})"
+        x = np.ascontiguousarray(x[data.seeded_rows(len(x), max_images, seed)])
     record = {"outlier_source": where, "outlier_rule": store_rule(side), "outlier_subset": subset,
               "outlier_classes": str(len(classes))}
     return data.ImageSet(x, np.full(len(x), -1, dtype=np.int64), name), record

@@ -382,9 +382,8 @@ def load(name: str, data_dir: str | None, cache_dir: str, download: bool, rule: 
         what = "SC-OOD benchmark list; unpack the SC-OOD release into <data-dir>/SCOOD"
     if x is None:
         raise data.MissingDataError(f"OOD set '{name}' ({what}) not found; looked in: {'; '.join(looked)}")
-    if max_images is not None and max_images < len(x):
-        keep = np.sort(np.random.RandomState(seed).choice(len(x), max_images, replace=False))
-        x, y = x[keep], y[keep]
+    keep = data.seeded_rows(len(x), max_images, seed)
+    x, y = x[keep], y[keep]
     return data.ImageSet(np.ascontiguousarray(x), y, name)
 
 
@@ -427,8 +426,7 @@ def tin_aux_part(part: str, data_dir: str | None, cache_dir: str, max_images: in
     held = arrays["y"] >= first_held
     keep = held if part == "holdout" else ~held
     x = arrays["x"][keep]
-    if max_images is not None and max_images < len(x):
-        x = x[np.sort(np.random.RandomState(seed).choice(len(x), max_images, replace=False))]
+    x = x[data.seeded_rows(len(x), max_images, seed)]
     name = VAL_HOLDOUT if part == "holdout" else "tin_aux"
     taken = wnids[first_held:] if part == "holdout" else wnids[:first_held]
     return data.ImageSet(np.ascontiguousarray(x), np.full(len(x), -1, dtype=np.int64), name), taken
