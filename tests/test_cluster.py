@@ -18,7 +18,7 @@ from tests.conftest import REPO, free_port
 RUN = os.path.join(REPO, "search", "run.py")
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 EXPERIMENT = "tailtune/ce/cifar10-lt-ir100"
-EPOCHS = 2
+EPOCHS = 3   # the lost trial is killed with at least one whole epoch left (see the test)
 
 
 @pytest.fixture
@@ -75,15 +75,17 @@ def test_search_on_two_nodes_survives_losing_one(cluster, tmp_path, data_dir, ca
         cwd=tmp_path, env={**env, "PYTHONUNBUFFERED": "1"}, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     client = MlflowClient(tracking_uri)
-    # Once both nodes have finished an epoch of a trial, kill the worker node (raylet and its
-    # trial process) mid-trial.
+    # Once a trial on each node has reported its first epoch (the node tag comes with a result)
+    # and none of them more, kill the worker node (raylet and its trial process): its trial then
+    # has whole epochs left to train elsewhere. A trial seen "running" in its last epoch may
+    # already be done, and its loss would then move nothing.
     killed_node = None
     deadline = time.time() + 600
     while killed_node is None and time.time() < deadline and proc.poll() is None:
         time.sleep(1)
         _, kids = trial_runs(client, name)
         running = [k for k in kids if k.data.tags.get("tailtune.state") == "running"
-                   and k.data.tags.get("tailtune.node_id")]
+                   and k.data.tags.get("tailtune.node_id") and k.data.metrics.get("epoch", EPOCHS) < EPOCHS - 1]
         nodes = {k.data.tags["tailtune.node_id"] for k in running}
         if len(nodes) == 2:
             os.killpg(worker.pid, signal.SIGKILL)
